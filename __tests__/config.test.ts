@@ -1,0 +1,170 @@
+import { mkdtempSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { createHash, X509Certificate } from 'node:crypto'
+import { inspect } from 'node:util'
+import dsql, { DsqlConfigError } from '../lib'
+import { mergeUrl, resolveConfig, type DsqlOptions } from '../lib/config'
+
+const ID = 'abcdefghijklmnopqrstuvwxyz'
+const HOST = `${ID}.dsql.us-east-1.on.aws`
+const resolve = (o: DsqlOptions, env: NodeJS.ProcessEnv = {}) => resolveConfig(o, { AWS_CONFIG_FILE: '/nonexistent', ...env })
+const configError = (o: DsqlOptions, pattern: RegExp, env: NodeJS.ProcessEnv = {}) => {
+  expect(() => resolve(o, env)).toThrow(DsqlConfigError)
+  expect(() => resolve(o, env)).toThrow(pattern)
+}
+
+describe('endpoint and region', () => {
+  test('a cluster endpoint gives the region and the defaults', () => {
+    const c = resolve({ host: HOST })
+    expect(c).toMatchObject({
+      host: HOST, hostaddr: HOST, port: 5432, region: 'us-east-1', clusterId: ID, user: 'admin', database: 'postgres',
+      action: 'DbConnectAdmin', schema: 'public', tokenDurationSecs: 900, sslnegotiation: 'direct',
+    })
+    expect(c.tls).toMatchObject({ servername: HOST, rejectUnauthorized: true, minVersion: 'TLSv1.2' })
+  })
+
+  test('dsql-<suffix> endpoints, upper case and a trailing dot are accepted', () => {
+    expect(resolve({ host: `${ID.toUpperCase()}.DSQL-FNH4.eu-central-1.on.aws.` })).toMatchObject({
+      host: `${ID}.dsql-fnh4.eu-central-1.on.aws`, region: 'eu-central-1',
+    })
+  })
+
+  test('a bare cluster id is expanded with the region option or the environment', () => {
+    expect(resolve({ host: ID, region: 'ap-northeast-1' }).host).toBe(`${ID}.dsql.ap-northeast-1.on.aws`)
+    expect(resolve({ host: ID }, { AWS_REGION: 'eu-west-1' }).host).toBe(`${ID}.dsql.eu-west-1.on.aws`)
+    expect(resolve({ host: ID }, { AWS_DEFAULT_REGION: 'us-west-2' }).host).toBe(`${ID}.dsql.us-west-2.on.aws`)
+  })
+
+  test("the profile's region from the shared config file", () => {
+    const dir = mkdtempSync(join(tmpdir(), 'dsql-config-'))
+    const file = join(dir, 'config')
+    writeFileSync(file, '[default]\nregion = us-east-2\n[profile work]\noutput = json\nregion=eu-north-1\n')
+    expect(resolve({ host: ID }, { AWS_CONFIG_FILE: file }).region).toBe('us-east-2')
+    expect(resolve({ host: ID, profile: 'work' }, { AWS_CONFIG_FILE: file }).region).toBe('eu-north-1')
+    expect(resolve({ host: ID }, { AWS_CONFIG_FILE: file, AWS_PROFILE: 'work' }).region).toBe('eu-north-1')
+  })
+
+  test('host from PGHOST, hostaddr from PGHOSTADDR, port from PGPORT', () => {
+    expect(resolve({}, { PGHOST: HOST, PGHOSTADDR: '127.0.0.1', PGPORT: '6543' })).toMatchObject({ host: HOST, hostaddr: '127.0.0.1', port: 6543 })
+  })
+
+  test('bad hosts are refused with what to do', () => {
+    configError({}, /pass `host`.*PGHOST/)
+    configError({ host: 'abc' }, /26 lowercase letters and digits/)
+    configError({ host: ID }, /pass `region`, set AWS_REGION/)
+    configError({ host: 'db.example.com' }, /Cannot tell the AWS region/)
+    configError({ host: '10.0.0.1' }, /put the address in `hostaddr`/)
+    configError({ host: `${HOST},${HOST}` }, /Multiple hosts/)
+    configError({ host: `${HOST}:5432` }, /bare host name/)
+    configError({ host: HOST, region: 'eu-west-1' }, /contradicts the endpoint's region "us-east-1"/)
+    configError({ host: ID, region: 'mars' }, /not an AWS region name/)
+  })
+
+  test('a non-DSQL name works when the region is given (custom DNS, tunnels)', () => {
+    expect(resolve({ host: 'db.internal.example', region: 'us-east-1' })).toMatchObject({ host: 'db.internal.example', region: 'us-east-1' })
+  })
+})
+
+describe('roles, schema, token and TLS options', () => {
+  test('non-admin roles sign DbConnect and use myschema', () => {
+    expect(resolve({ host: HOST, user: 'app' })).toMatchObject({ action: 'DbConnect', schema: 'myschema' })
+    expect(resolve({ host: HOST, username: 'app', schema: 'sales' })).toMatchObject({ action: 'DbConnect', schema: 'sales' })
+    expect(resolve({ host: HOST, schema: false }).schema).toBe(false)
+  })
+
+  test('tokenDurationSecs must be whole seconds within 1..604800', () => {
+    expect(resolve({ host: HOST, tokenDurationSecs: 604800 }).tokenDurationSecs).toBe(604800)
+    for (const bad of [0, -1, 1.5, 604801]) configError({ host: HOST, tokenDurationSecs: bad }, /tokenDurationSecs/)
+  })
+
+  test('TLS cannot be turned off', () => {
+    configError({ host: HOST, ssl: false }, /DSQL requires TLS/)
+    expect(() => resolve(mergeUrl(`postgres://admin@${HOST}/postgres?sslmode=disable`, {}))).toThrow(/DSQL requires TLS/)
+  })
+
+  test('ssl forms map to verification settings', () => {
+    expect(resolve({ host: HOST, ssl: 'require' }).tls.rejectUnauthorized).toBe(false)
+    expect(resolve({ host: HOST, ssl: 'verify-full' }).tls.rejectUnauthorized).toBe(true)
+    const ca = resolve({ host: HOST, ssl: 'verify-ca' }).tls
+    expect(ca.rejectUnauthorized).toBe(true)
+    expect(ca.checkServerIdentity?.('x', {} as never)).toBeUndefined()
+    expect(resolve({ host: HOST, ssl: { ca: 'PEM' } }).tls).toMatchObject({ ca: 'PEM', servername: HOST })
+  })
+
+  test('sslrootcert pins a CA file; an unreadable one is a config error', () => {
+    expect(resolve({ host: HOST, sslrootcert: 'certs/AmazonRootCA1.pem' }).tls.ca).toContain('BEGIN CERTIFICATE')
+    expect(resolve({ host: HOST }, { PGSSLROOTCERT: 'certs/AmazonRootCA1.pem' }).tls.ca).toContain('BEGIN CERTIFICATE')
+    configError({ host: HOST, sslrootcert: '/nope.pem' }, /Cannot read sslrootcert "\/nope.pem" \(ENOENT\)/)
+  })
+
+  test('sslnegotiation is direct or postgres', () => {
+    expect(resolve({ host: HOST, sslnegotiation: 'postgres' }).sslnegotiation).toBe('postgres')
+    configError({ host: HOST, sslnegotiation: 'tls' as never }, /sslnegotiation/)
+  })
+
+  test('passwords are refused: the connector owns them', () => {
+    configError({ host: HOST, password: 'x' } as DsqlOptions, /Do not pass a password/)
+    expect(() => mergeUrl(`postgres://admin:secret@${HOST}/postgres`, {})).toThrow(/Do not pass a password/)
+  })
+
+  test('a URL gives host, user, database and libpq parameters; options win over it', () => {
+    const merged = mergeUrl(`postgres://app@${HOST}:6000/postgres?sslrootcert=certs/AmazonRootCA1.pem&sslnegotiation=postgres&hostaddr=127.0.0.1`, { port: 7000 })
+    expect(resolve(merged)).toMatchObject({ user: 'app', port: 7000, hostaddr: '127.0.0.1', sslnegotiation: 'postgres' })
+  })
+})
+
+describe('dsql() builds a postgres.js sql without connecting', () => {
+  const credentials = { accessKeyId: 'AKIDEXAMPLE', secretAccessKey: 'wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY', sessionToken: 'SESSIONTOKENSECRET' }
+
+  test('PG* variables and explicit undefined do not shrink the pool or turn TLS off', async () => {
+    const saved = { ...process.env }
+    Object.assign(process.env, { PGMAX: '3', PGSSL: 'disable', PGFETCH_TYPES: 'true', PGPASSWORD: 'hunter2', PGUSER: 'someone' })
+    try {
+      const sql = dsql({ host: HOST, credentials, max: undefined, ssl: undefined })
+      expect(sql.options.max).toBe(10)
+      expect(sql.options.ssl).toBe(false) // postgres.js does no TLS itself: the connector's socket is already TLS
+      expect(sql.options.user).toBe('admin')
+      expect(sql.options.fetch_types).toBe(false)
+      expect((sql.options as unknown as { socket: unknown }).socket).toEqual(expect.any(Function))
+      await sql.end()
+    } finally {
+      process.env = saved
+    }
+  })
+
+  test('application_name names the connector after a user value', async () => {
+    const a = dsql({ host: HOST, credentials })
+    const b = dsql({ host: HOST, credentials, connection: { application_name: 'billing' } })
+    expect(a.options.connection.application_name).toMatch(/^postgres-dsql\/\d+\.\d+\.\d+$/)
+    expect(b.options.connection.application_name).toMatch(/^billing postgres-dsql\//)
+    await Promise.all([a.end(), b.end()])
+  })
+
+  test('max_lifetime stays under DSQL\'s 60 minutes, jittered per connection', async () => {
+    const sql = dsql({ host: HOST, credentials })
+    const lifetime = sql.options.max_lifetime as unknown as () => number
+    const samples = Array.from({ length: 50 }, () => lifetime())
+    expect(Math.max(...samples)).toBeLessThanOrEqual(55 * 60)
+    expect(Math.min(...samples)).toBeGreaterThanOrEqual(50 * 60)
+    expect(new Set(samples).size).toBeGreaterThan(1)
+    await sql.end()
+  })
+
+  test('sql.options holds no secret', async () => {
+    const sql = dsql({ host: HOST, credentials })
+    const dump = inspect(sql.options, { depth: 10, showHidden: true }) + JSON.stringify(sql.options)
+    for (const secret of [credentials.secretAccessKey, credentials.sessionToken]) expect(dump).not.toContain(secret)
+    await sql.end()
+  })
+
+  test('config errors are thrown by dsql() itself', () => {
+    expect(() => dsql({ host: 'nope' })).toThrow(DsqlConfigError)
+  })
+})
+
+test('certs/AmazonRootCA1.pem is Amazon Root CA 1', () => {
+  const cert = new X509Certificate(require('node:fs').readFileSync('certs/AmazonRootCA1.pem'))
+  expect(cert.subject).toContain('CN=Amazon Root CA 1')
+  expect(createHash('sha256').update(cert.raw).digest('hex')).toBe('8ecde6884f3d87b1125ba31ac3fcb13d7016de7f57cc904fe1cb97c6ae98196e')
+})

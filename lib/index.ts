@@ -1,0 +1,90 @@
+import postgres from 'postgres'
+import { connector } from './connect'
+import { credentialsOption, definedOnly, mergeUrl, resolveConfig, type DsqlConfig, type DsqlOptions } from './config'
+import { withRetry } from './retry'
+import { credentialProvider, tokenMinter } from './token'
+import { installArrayTypes, type PgTypeOptions } from './types'
+import type { PgSocketOptions } from './connect'
+
+export type { DsqlOptions, DsqlLogger, DsqlSession, RetryOptions, Credentials } from './config'
+export { DsqlError, DsqlConfigError, DsqlCredentialsError, DsqlTokenError, DsqlTlsError, DsqlConnectionError } from './errors'
+export { isOccError, retryOcc, DsqlRetryError, type RetryingSql } from './retry'
+
+type Types = Record<string, postgres.PostgresType>
+
+/** The `sql` type postgres.js itself returns for these custom types. */
+export type DsqlSql<T extends Types = {}> = postgres.Sql<
+  Record<string, postgres.PostgresType> extends T
+    ? {}
+    : { [K in keyof T]: T[K] extends { serialize: (value: infer R) => unknown; parse: (raw: never) => infer R } ? R : never }
+>
+
+export const version: string = (require('../package.json') as { version: string }).version
+
+/**
+ * A postgres.js `sql` connected to Aurora DSQL: every new connection mints its own IAM token,
+ * verifies TLS, and selects the schema before its first query.
+ */
+export function dsql<T extends Types = {}>(options?: DsqlOptions<T>): DsqlSql<T>
+export function dsql<T extends Types = {}>(url: string, options?: DsqlOptions<T>): DsqlSql<T>
+export function dsql<T extends Types = {}>(first?: string | DsqlOptions<T>, second?: DsqlOptions<T>): DsqlSql<T> {
+  const given = typeof first === 'string' ? mergeUrl(first, second ?? {}) : (first ?? {})
+  const options = definedOnly(given) as DsqlOptions<T>
+  const config = resolveConfig(options as DsqlOptions)
+  const credentials = credentialProvider(credentialsOption(options as DsqlOptions), options.profile ?? process.env.AWS_PROFILE)
+  const open = connector(config, tokenMinter(config, credentials), { logger: options.logger, onconnect: options.onconnect })
+  const socket = (pg: PgSocketOptions & PgTypeOptions) => {
+    installArrayTypes(pg)
+    return open(pg)
+  }
+  const sql = postgres(postgresOptions(options, config, socket) as unknown as postgres.Options<T>) as unknown as DsqlSql<T>
+  return options.retry ? withRetry(sql, options.retry, options.logger) : sql
+}
+
+export default dsql
+
+/** Options that are the connector's own, not postgres.js's. */
+const OWN = new Set([
+  'host', 'hostname', 'port', 'region', 'schema', 'onconnect', 'tokenDurationSecs', 'customCredentialsProvider', 'credentials',
+  'profile', 'ssl', 'sslrootcert', 'sslnegotiation', 'hostaddr', 'retry', 'logger', 'user', 'username', 'database', 'db', 'connection',
+])
+
+/**
+ * Every postgres.js option is set explicitly: an omitted one would be read from PG* variables
+ * (PGMAX=3 gives the string "3", PGSSL could turn TLS off) and an undefined one beats the default.
+ */
+function postgresOptions<T extends Types>(options: DsqlOptions<T>, config: DsqlConfig, socket: (pg: PgSocketOptions & PgTypeOptions) => Promise<unknown>) {
+  const passed = Object.fromEntries(Object.entries(options).filter(([k]) => !OWN.has(k)))
+  return {
+    max: 10,
+    idle_timeout: null,
+    connect_timeout: config.connectTimeoutMs / 1000,
+    max_pipeline: 100,
+    backoff: (retries: number) => (0.5 + Math.random() / 2) * Math.min(3 ** retries / 100, 20),
+    keep_alive: 60,
+    prepare: true,
+    debug: false,
+    publications: 'alltables',
+    target_session_attrs: null,
+    sslnegotiation: null,
+    fetch_types: false,
+    // DSQL closes connections at 60 minutes: replace each one before, at its own jittered age.
+    max_lifetime: () => (50 + Math.random() * 5) * 60,
+    ...passed,
+    host: config.host,
+    port: config.port,
+    user: config.user,
+    database: config.database,
+    // The connector authenticates before postgres.js sees the socket: postgres.js never asks for this.
+    pass: () => '',
+    ssl: false,
+    connection: { ...options.connection, application_name: applicationName(options.connection?.application_name) },
+    socket,
+  }
+}
+
+function applicationName(given: unknown): string {
+  const ours = `postgres-dsql/${version}`
+  const user = given ?? process.env.PGAPPNAME
+  return user ? `${String(user)} ${ours}` : ours
+}
