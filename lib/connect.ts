@@ -1,4 +1,5 @@
 import * as net from 'node:net'
+import { Duplex } from 'node:stream'
 import * as tls from 'node:tls'
 import type { DsqlConfig, DsqlLogger, DsqlSession } from './config'
 import { DsqlConnectionError, DsqlError, DsqlTlsError, DsqlTokenError } from './errors'
@@ -25,7 +26,7 @@ export interface ConnectorOptions {
  */
 export function connector(config: DsqlConfig, mint: Mint, options: ConnectorOptions) {
   const { logger } = options
-  return async function socket(pg: PgSocketOptions): Promise<net.Socket> {
+  return async function socket(pg: PgSocketOptions): Promise<net.Socket | Duplex> {
     const deadline = Date.now() + config.connectTimeoutMs
     for (let attempt = 1; ; attempt++) {
       const started = Date.now()
@@ -377,9 +378,19 @@ function sendCancel(request: Buffer, session: tls.TLSSocket, config: DsqlConfig)
   )
 }
 
-/** A socket postgres.js can own that fails at once with `error`, so its pool slot is freed. */
-function failedSocket(error: Error): net.Socket {
-  const socket = new net.Socket()
-  setImmediate(() => socket.destroy(error))
+/**
+ * A socket postgres.js can own that fails with `error`, so its pool slot is freed. It fails on
+ * postgres.js's first write: failing before it would leave postgres.js's write buffer and timer
+ * set, and the next connection of that slot would never send its startup message.
+ */
+function failedSocket(error: Error): Duplex {
+  const socket: Duplex = new Duplex({
+    read() {},
+    write(_chunk, _encoding, callback) {
+      callback()
+      process.nextTick(() => socket.destroy(error))
+    },
+  })
+  setTimeout(() => socket.destroy(error), 5000).unref()
   return socket
 }
