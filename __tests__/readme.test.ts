@@ -1,0 +1,80 @@
+/**
+ * Every TypeScript block in README.md runs against the stand-in, as a user would paste it, and
+ * every `console.log(x) // value` line in it is checked; so the README cannot rot.
+ */
+import { execFile } from 'node:child_process'
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join, resolve } from 'node:path'
+import { target } from './helpers/target'
+
+const root = resolve(__dirname, '..')
+const readme = readFileSync(join(root, 'README.md'), 'utf8')
+const blocks = [...readme.matchAll(/```(\w+)\n([\s\S]*?)```/g)].map((m) => ({ lang: m[1], code: m[2] }))
+const tsBlocks = blocks.filter((b) => b.lang === 'ts')
+
+/** Imports stay on top; the rest runs in an async main; `console.log(x) // v` becomes a check. */
+function script(code: string): string {
+  const lines = code.replace(/'postgres-dsql\/local'/g, `'${join(root, 'lib', 'local')}'`).replace(/'postgres-dsql'/g, `'${join(root, 'lib')}'`).split('\n')
+  const imports = lines.filter((l) => l.startsWith('import '))
+  const body = lines.filter((l) => !l.startsWith('import ')).map((line) => {
+    const m = /^(\s*)console\.log\((.*)\) \/\/ (.*)$/.exec(line)
+    if (!m) return line
+    try {
+      new Function(`return (${m[3]})`)
+    } catch {
+      return line
+    }
+    return `${m[1]}__check(${m[2]}, ${m[3]}, ${JSON.stringify(m[3])})`
+  })
+  return [
+    ...imports,
+    "import { isDeepStrictEqual } from 'node:util'",
+    'function __check(actual: unknown, expected: unknown, text: string) {',
+    '  const plain = JSON.parse(JSON.stringify(actual))',
+    '  if (!isDeepStrictEqual(plain, expected)) throw new Error(`README says ${text}, got ${JSON.stringify(plain)}`)',
+    '}',
+    'async function main() {',
+    ...body,
+    '}',
+    'main().catch((e) => { console.error(e); process.exit(1) })',
+  ].join('\n')
+}
+
+function run(file: string): Promise<{ code: number; output: string }> {
+  const t = target()
+  const env: NodeJS.ProcessEnv = {
+    ...process.env,
+    CLUSTER_ENDPOINT: t.host, PGHOSTADDR: t.hostaddr, PGPORT: String(t.port), PGSSLROOTCERT: t.caFile,
+    AWS_ACCESS_KEY_ID: t.credentials.accessKeyId, AWS_SECRET_ACCESS_KEY: t.credentials.secretAccessKey, AWS_REGION: t.region,
+  }
+  delete env.AWS_PROFILE
+  delete env.AWS_SESSION_TOKEN
+  return new Promise((done) => {
+    execFile(process.execPath, ['-r', 'ts-node/register/transpile-only', file], { env, cwd: root, timeout: 60_000 }, (err, stdout, stderr) =>
+      done({ code: err ? ((err as { code?: number }).code ?? 1) : 0, output: stdout + stderr }),
+    )
+  })
+}
+
+test('README has TypeScript examples', () => {
+  expect(tsBlocks.length).toBeGreaterThanOrEqual(3)
+})
+
+test.each(tsBlocks.map((b, i) => [i + 1, b.code] as const))('README TypeScript block %i runs', async (_i, code) => {
+  const dir = mkdtempSync(join(tmpdir(), 'readme-'))
+  const file = join(dir, 'block.ts')
+  writeFileSync(file, script(code))
+  const { code: exit, output } = await run(file)
+  if (exit !== 0) throw new Error(`block failed (exit ${exit}):\n${output}`)
+  expect(exit).toBe(0)
+}, 90_000)
+
+test('every npm script and CLI command the README names exists', () => {
+  const scripts = Object.keys((JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')) as { scripts: Record<string, string> }).scripts)
+  const named = [...readme.matchAll(/npm run ([\w:-]+)/g)].map((m) => m[1])
+  expect(named.length).toBeGreaterThan(0)
+  for (const name of named) expect(scripts).toContain(name)
+  const cli = readFileSync(join(root, 'lib', 'cli.ts'), 'utf8')
+  for (const [, command] of readme.matchAll(/npx postgres-dsql (\w+)/g)) expect(cli).toContain(`command === '${command}'`)
+})

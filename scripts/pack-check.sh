@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Packs the package, installs it in an empty project next to postgres, and queries a local
+# DSQL stand-in through both `require` and `import`, as a user's project would.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+work=$(mktemp -d)
+trap 'kill $local_pid 2>/dev/null || true; wait $local_pid 2>/dev/null || true; rm -rf "$work"' EXIT
+
+tarball=$(cd "$repo" && npm pack --silent --pack-destination "$work" | tail -n 1)
+postgres_version=$(node -p "require('$repo/node_modules/postgres/package.json').version")
+cd "$work"
+npm init -y >/dev/null
+npm install --no-audit --no-fund "./$tarball" "postgres@$postgres_version" >/dev/null
+
+# The stand-in comes from the repository (the packed project has no embedded-postgres).
+node "$repo/dist/cli.js" local > env.sh &
+local_pid=$!
+for _ in $(seq 1 120); do grep -q AWS_REGION env.sh 2>/dev/null && break; sleep 0.5; done
+grep -q AWS_REGION env.sh || { echo "pack-check: the local stand-in did not start"; exit 1; }
+set -a; . ./env.sh; set +a
+
+cat > check.cjs <<'JS'
+const dsql = require('postgres-dsql').default
+const { dsql: named, isOccError } = require('postgres-dsql')
+if (dsql !== named || typeof isOccError !== 'function') throw new Error('CommonJS exports are wrong')
+const sql = dsql({ host: process.env.CLUSTER_ENDPOINT })
+sql`select current_user as u`.then(([r]) => { if (r.u !== 'admin') throw new Error('wrong user ' + r.u); console.log('require: ok') }).finally(() => sql.end())
+JS
+cat > check.mjs <<'JS'
+import dsql, { isOccError } from 'postgres-dsql'
+if (typeof dsql !== 'function' || typeof isOccError !== 'function') throw new Error('ESM exports are wrong')
+const sql = dsql({ host: process.env.CLUSTER_ENDPOINT, user: 'appuser' })
+const [r] = await sql`select current_user as u, current_schema() as s`
+await sql.end()
+if (r.u !== 'appuser' || r.s !== 'myschema') throw new Error('wrong session ' + JSON.stringify(r))
+console.log('import: ok')
+JS
+node check.cjs
+node check.mjs
+npx --no-install postgres-dsql --help >/dev/null
+echo "pack-check: ok ($tarball)"
