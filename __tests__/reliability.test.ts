@@ -1,0 +1,103 @@
+/**
+ * Riding through DSQL's limits and faults against stand-ins configured to produce them:
+ * connection-rate storms, the connection duration limit, an outage, and credential rotation.
+ */
+import dsql, { DsqlConnectionError, type DsqlOptions } from '../lib'
+import { startLocalDsql, type LocalDsql, type LocalDsqlOptions } from '../lib/local'
+
+async function withLocal<R>(options: LocalDsqlOptions, run: (local: LocalDsql, connect: (o?: DsqlOptions) => ReturnType<typeof dsql>) => Promise<R>): Promise<R> {
+  const local = await startLocalDsql(options)
+  const connect = (o: DsqlOptions = {}) =>
+    dsql({ host: local.host, hostaddr: local.hostaddr, port: local.port, sslrootcert: local.caFile, credentials: local.credentials, ...o })
+  try {
+    return await run(local, connect)
+  } finally {
+    await local.stop()
+  }
+}
+
+/** Runs `query` back to back on `workers` workers for `ms`; counts successes and failures. */
+async function load(ms: number, workers: number, query: () => Promise<unknown>) {
+  const until = Date.now() + ms
+  const result = { ok: 0, failed: [] as unknown[] }
+  await Promise.all(
+    Array.from({ length: workers }, async () => {
+      while (Date.now() < until) {
+        await query().then(() => result.ok++, (e: unknown) => result.failed.push(e))
+        await new Promise((r) => setTimeout(r, 20))
+      }
+    }),
+  )
+  return result
+}
+
+test('storm: 300 concurrent queries on a pool of 300, 50 new connections/s (burst 20): all succeed', async () => {
+  await withLocal({ connectionRate: { perSecond: 50, burst: 20 } }, async (local, connect) => {
+    const warnings: unknown[] = []
+    const sql = connect({ max: 300, logger: { warn: (_m, f) => warnings.push(f) } })
+    try {
+      const rows = await Promise.all(Array.from({ length: 300 }, (_, i) => sql`select ${i}::int as i, pg_backend_pid() as pid`))
+      expect(rows.map(([r]) => r.i)).toEqual(Array.from({ length: 300 }, (_, i) => i))
+      expect(local.stats().rejected).toBeGreaterThan(0)
+      expect(warnings.length).toBeGreaterThan(0)
+    } finally {
+      await sql.end({ timeout: 5 })
+    }
+  })
+}, 60_000)
+
+test('expiry: 15 s of load against a 4 s connection limit, connections replaced, no failed query', async () => {
+  await withLocal({ maxConnectionDurationSecs: 4 }, async (local, connect) => {
+    const sql = connect({ max: 4, max_lifetime: 3 })
+    try {
+      const result = await load(15_000, 4, () => sql`select 1`)
+      expect(result.failed).toEqual([])
+      expect(result.ok).toBeGreaterThan(100)
+      expect(local.stats().authenticated).toBeGreaterThan(8)
+    } finally {
+      await sql.end({ timeout: 5 })
+    }
+  })
+}, 60_000)
+
+test('outage: queries fail within connect_timeout with a clear error, then all succeed without user action', async () => {
+  await withLocal({}, async (local, connect) => {
+    const sql = connect({ max: 3, connect_timeout: 2, idle_timeout: 1 })
+    try {
+      await sql`select 1`
+      await local.stopGateway()
+      const started = Date.now()
+      const errors = await Promise.all([1, 2, 3, 4].map(() => sql`select 1`.then(() => null, (e: unknown) => e)))
+      expect(Date.now() - started).toBeLessThan(4500)
+      for (const e of errors) {
+        expect(e).toBeInstanceOf(Error)
+        expect(e instanceof DsqlConnectionError || (e as { code?: string }).code === 'CONNECTION_CLOSED').toBe(true)
+      }
+      expect(errors.some((e) => e instanceof DsqlConnectionError && /ECONNREFUSED/.test(e.message))).toBe(true)
+      await local.startGateway()
+      const rows = await Promise.all([1, 2, 3, 4, 5].map((i) => sql`select ${i}::int as i`))
+      expect(rows.map(([r]) => r.i)).toEqual([1, 2, 3, 4, 5])
+    } finally {
+      await sql.end({ timeout: 5 })
+    }
+  })
+}, 60_000)
+
+test('rotation: credentials that expire every 3 s are refreshed; every connection authenticates', async () => {
+  await withLocal({}, async (local, connect) => {
+    let resolutions = 0
+    const credentials = async () => {
+      resolutions++
+      return { ...local.credentials, expiration: new Date(Date.now() + 3000) }
+    }
+    const sql = connect({ credentials, max: 2, max_lifetime: 1 })
+    try {
+      const result = await load(10_000, 2, () => sql`select 1`)
+      expect(result.failed).toEqual([])
+      expect(local.stats().authenticated).toBeGreaterThan(10)
+      expect(resolutions).toBeGreaterThan(3)
+    } finally {
+      await sql.end({ timeout: 5 })
+    }
+  })
+}, 60_000)
