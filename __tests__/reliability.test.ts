@@ -46,6 +46,22 @@ test('storm: 300 concurrent queries on a pool of 300, 50 new connections/s (burs
   })
 }, 60_000)
 
+test('a cluster that is waking up: the connection is retried until it answers', async () => {
+  await withLocal({}, async (local, connect) => {
+    const warnings: string[] = []
+    const sql = connect({ logger: { warn: (_m, f) => warnings.push(String((f as { message?: string }).message)) } })
+    try {
+      local.setLimits({ wakingUp: true })
+      setTimeout(() => local.setLimits({ wakingUp: false }), 700)
+      const [row] = await sql`select 1 as one`
+      expect(row.one).toBe(1)
+      expect(warnings.some((w) => /waking up/.test(w))).toBe(true)
+    } finally {
+      await sql.end({ timeout: 5 })
+    }
+  })
+})
+
 test('expiry: 15 s of load against a 4 s connection limit, connections replaced, no failed query', async () => {
   await withLocal({ maxConnectionDurationSecs: 4 }, async (local, connect) => {
     const sql = connect({ max: 4, max_lifetime: 3 })
