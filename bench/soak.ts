@@ -16,7 +16,7 @@ async function main() {
   const local = await startLocalDsql({ maxConnectionDurationSecs: 20, connectionRate: { perSecond: 20, burst: 10 } })
   const sql = dsql({
     host: local.host, hostaddr: local.hostaddr, port: local.port, sslrootcert: local.caFile, credentials: local.credentials,
-    max: 10, max_lifetime: 15, idle_timeout: 5,
+    max: 10, max_lifetime: 15, idle_timeout: 5, retry: { maxRetries: 20 },
   })
   await sql`create table if not exists soak (id int primary key, n int not null)`
   await sql`insert into soak values (1, 0) on conflict (id) do nothing`
@@ -31,7 +31,8 @@ async function main() {
   await Promise.all(
     Array.from({ length: workers }, async (_, w) => {
       for (let i = 0; Date.now() < until && i < 10_000_000; i++) {
-        const query = i % 10 === 0 ? sql`update soak set n = n + 1 where id = 1 and ${w} >= 0` : sql`select n from soak where id = 1`
+        // Contended writes conflict as on DSQL; they go through sql.begin, which retries them.
+        const query = i % 10 === 0 ? sql.begin((tx) => tx`update soak set n = n + 1 where id = 1 and ${w} >= 0`) : sql`select n from soak where id = 1`
         await query.then(() => ok++, (e: Error) => failures.push(e.message))
         // Bursts and pauses make the pool grow, idle out and reconnect.
         if (i % 200 === 0) await new Promise((r) => setTimeout(r, 6000 * Math.random()))
