@@ -2,6 +2,7 @@
 import * as tls from 'node:tls'
 import * as net from 'node:net'
 import { inspect } from 'node:util'
+import postgres from 'postgres'
 import selfsigned from 'selfsigned'
 import dsql, { DsqlConnectionError, DsqlCredentialsError, DsqlTlsError, DsqlTokenError, type DsqlOptions } from '../lib'
 import { connectOptions, target } from './helpers/target'
@@ -231,4 +232,44 @@ describe('failures are typed, fast, and lose nothing', () => {
     noSecretIn(sql.options)
     await sql.end()
   })
+})
+
+describe('credentials sources', () => {
+  test('a named profile is really used, ahead of environment keys', async () => {
+    const { mkdtempSync, writeFileSync } = await import('node:fs')
+    const { join } = await import('node:path')
+    const { tmpdir } = await import('node:os')
+    const dir = mkdtempSync(join(tmpdir(), 'aws-profile-'))
+    const t = target()
+    writeFileSync(join(dir, 'credentials'), `[work]\naws_access_key_id = ${t.credentials.accessKeyId}\naws_secret_access_key = ${t.credentials.secretAccessKey}\n`)
+    writeFileSync(join(dir, 'config'), '[profile work]\nregion = us-east-1\n')
+    const saved = { ...process.env }
+    Object.assign(process.env, {
+      AWS_SHARED_CREDENTIALS_FILE: join(dir, 'credentials'), AWS_CONFIG_FILE: join(dir, 'config'),
+      AWS_ACCESS_KEY_ID: 'AKIAENVIRONMENTKEY00', AWS_SECRET_ACCESS_KEY: 'environmentSecretThatTheStandInDoesNotKnow00',
+    })
+    try {
+      const options = connectOptions({ profile: 'work' })
+      delete options.credentials
+      const sql = dsql(options)
+      const [row] = await sql`select current_user`
+      expect(row.current_user).toBe('admin')
+      await sql.end()
+      const withoutProfile = connectOptions()
+      delete withoutProfile.credentials
+      const other = dsql(withoutProfile)
+      await expect(other`select 1`).rejects.toBeInstanceOf(DsqlTokenError)
+      await other.end()
+    } finally {
+      process.env = saved
+    }
+  })
+})
+
+test('custom types flow through to the sql type, as with postgres.js', async () => {
+  const sql = dsql({ ...connectOptions(), types: { bigint: postgres.BigInt } })
+  const typed: postgres.Sql<{ bigint: bigint }> = sql
+  const [row] = await typed`select ${typed.types.bigint(9007199254740993n)} as big`
+  expect(row.big).toBe(9007199254740993n)
+  await sql.end()
 })

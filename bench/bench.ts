@@ -3,7 +3,7 @@
  * through the local DSQL stand-in on loopback with simulated round-trip latency. Writes
  * bench/results.md and bench/connect.svg. Nothing here is a test: ratios within a run count.
  *
- *   npm run bench -- --n 50 --latency 20 --seconds 10 --rounds 20 --storm 190 --storm-rounds 3
+ *   npm run bench -- --n 50 --latency 20 --seconds 10 --rounds 20 --storm 200 --storm-rounds 3
  */
 import { writeFileSync } from 'node:fs'
 import { join } from 'node:path'
@@ -26,8 +26,7 @@ const { values: args } = parseArgs({
     latency: { type: 'string', default: '20' },
     seconds: { type: 'string', default: '10' },
     rounds: { type: 'string', default: '20' },
-    // 200 needs more than lib/local's PostgreSQL allows a non-superuser (max_connections 200, 3 reserved).
-    storm: { type: 'string', default: '190' },
+    storm: { type: 'string', default: '200' },
     'storm-rounds': { type: 'string', default: '3' },
   },
 })
