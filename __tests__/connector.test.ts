@@ -95,6 +95,15 @@ describe('connecting', () => {
     })
   })
 
+  test('an onconnect that throws its own error: the query rejects naming it, with the error as cause', async () => {
+    const mine = new Error('feature flags unavailable')
+    await using({ onconnect: () => Promise.reject(mine) }, async (sql) => {
+      const err = await sql`select 1`.catch((e: unknown) => e)
+      expect(err).toBeInstanceOf(DsqlConnectionError)
+      expect(err).toMatchObject({ message: 'onconnect failed: feature flags unavailable', cause: mine })
+    })
+  })
+
   test('arrays parse and serialise without a pg_type fetch', async () => {
     await using({}, async (sql) => {
       const [row] = await sql`select ${[1, 2, 3]}::int[] as ints, array['a', 'b,c', 'x"y']::text[] as texts,

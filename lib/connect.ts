@@ -80,7 +80,10 @@ async function establish(config: DsqlConfig, mint: Mint, pg: PgSocketOptions, op
     }
     const session: DsqlSession = { query: (sql) => reader.query(sql), parameters }
     if (setSchema) await session.query(setSchema)
-    await options.onconnect(session)
+    await Promise.resolve(options.onconnect(session)).catch((err: unknown) => {
+      if (err instanceof DsqlError) throw err
+      throw new DsqlConnectionError(`onconnect failed: ${err instanceof Error ? err.message : String(err)}`, { retryable: false, cause: err })
+    })
     reader.detach()
     return { socket, replay, pipelined: null }
   } catch (err) {
