@@ -4,7 +4,7 @@ import * as net from 'node:net'
 import { inspect } from 'node:util'
 import postgres from 'postgres'
 import selfsigned from 'selfsigned'
-import dsql, { DsqlConnectionError, DsqlCredentialsError, DsqlTlsError, DsqlTokenError, type DsqlOptions } from '../lib'
+import dsql, { DsqlConnectionError, DsqlCredentialsError, DsqlTlsError, DsqlTokenError, isOccError, type DsqlOptions } from '../lib'
 import { connectOptions, target } from './helpers/target'
 
 const secrets = () => [target().credentials.secretAccessKey]
@@ -281,4 +281,35 @@ test('custom types flow through to the sql type, as with postgres.js', async () 
   const [row] = await typed`select ${typed.types.bigint(9007199254740993n)} as big`
   expect(row.big).toBe(9007199254740993n)
   await sql.end()
+})
+
+describe('sql.begin with OCC retry settings per call', () => {
+  const conflict = () => Object.assign(new Error('change conflicts with another transaction, please retry: (OC000)'), { code: '40001' })
+
+  test('a last argument retries this call, each attempt in a fresh transaction', async () => {
+    await using({}, async (sql) => {
+      const txids: string[] = []
+      const result: number = await sql.begin(async (tx) => {
+        const [{ txid }] = await tx`select txid_current()::text as txid`
+        txids.push(txid)
+        if (txids.length < 3) throw conflict()
+        return 7
+      }, { maxRetries: 3, baseDelayMs: 1 })
+      expect(result).toBe(7)
+      expect(new Set(txids).size).toBe(3)
+    })
+  })
+
+  test('false turns the dsql() setting off for one call; options strings still work', async () => {
+    await using({ retry: { baseDelayMs: 1 } }, async (sql) => {
+      let calls = 0
+      const err = await sql.begin('read write', async () => { calls++; throw conflict() }, false).catch((e: unknown) => e)
+      expect(calls).toBe(1)
+      expect(isOccError(err)).toBe(true)
+      calls = 0
+      const [{ n }] = await sql.begin('read write', async (tx) => { if (++calls < 2) throw conflict(); return tx`select 2 as n` })
+      expect(n).toBe(2)
+      expect(calls).toBe(2)
+    })
+  })
 })

@@ -1,23 +1,25 @@
 import postgres from 'postgres'
 import { connector } from './connect'
 import { credentialsOption, definedOnly, mergeUrl, resolveConfig, type DsqlConfig, type DsqlOptions } from './config'
-import { withRetry } from './retry'
+import { withRetry, type RetryBegin } from './retry'
 import { credentialProvider, tokenMinter } from './token'
 import { installArrayTypes, type PgTypeOptions } from './types'
 import type { PgSocketOptions } from './connect'
 
 export type { DsqlOptions, DsqlLogger, DsqlSession, RetryOptions, Credentials } from './config'
 export { DsqlError, DsqlConfigError, DsqlCredentialsError, DsqlTokenError, DsqlTlsError, DsqlConnectionError } from './errors'
-export { isOccError, retryOcc, DsqlRetryError, type RetryingSql } from './retry'
+export { isOccError, retryOcc, DsqlRetryError, type RetryBegin } from './retry'
 
 type Types = Record<string, postgres.PostgresType>
 
 /** The `sql` type postgres.js itself returns for these custom types. */
-export type DsqlSql<T extends Types = {}> = postgres.Sql<
+type TypesOf<T extends Types> =
   Record<string, postgres.PostgresType> extends T
     ? {}
     : { [K in keyof T]: T[K] extends { serialize: (value: infer R) => unknown; parse: (raw: never) => infer R } ? R : never }
->
+
+/** What postgres.js returns for these custom types; `begin` also takes per-call OCC retry settings. */
+export type DsqlSql<T extends Types = {}> = postgres.Sql<TypesOf<T>> & { begin: RetryBegin<TypesOf<T>> }
 
 export const version: string = (require('../package.json') as { version: string }).version
 
@@ -38,7 +40,7 @@ export function dsql<T extends Types = {}>(first?: string | DsqlOptions<T>, seco
     return open(pg)
   }
   const sql = postgres(postgresOptions(options, config, socket) as unknown as postgres.Options<T>) as unknown as DsqlSql<T>
-  return options.retry ? withRetry(sql, options.retry, options.logger) : sql
+  return withRetry(sql, options.retry, options.logger)
 }
 
 export default dsql

@@ -1,3 +1,4 @@
+import type postgres from 'postgres'
 import type { DsqlLogger, RetryOptions } from './config'
 import { DsqlError } from './errors'
 
@@ -54,13 +55,26 @@ export async function retryOcc<R>(attempt: () => Promise<R>, options?: RetryOpti
   }
 }
 
-/** `sql` whose `begin` retries OCC conflicts. */
-export type RetryingSql<S> = S
+type Unwrapped<T> = T extends unknown[] ? { [K in keyof T]: T[K] extends Promise<infer R> ? R : T[K] } : T
 
-/** Makes `sql.begin` retry OCC conflicts with these settings; everything else is untouched. */
-export function withRetry<S extends { begin: unknown }>(sql: S, retry: boolean | RetryOptions, logger?: DsqlLogger): RetryingSql<S> {
-  const begin = sql.begin
-  const settings = retrySettings(retry)
-  const retried = (...args: unknown[]) => retryOcc(() => (begin as (...a: unknown[]) => Promise<unknown>)(...args), settings, logger)
-  return Object.assign(sql, { begin: retried as unknown as S['begin'] })
+/** postgres.js's `sql.begin`, plus a last argument with this call's OCC retry settings. */
+export interface RetryBegin<TTypes extends Record<string, unknown>> {
+  <T>(cb: (sql: postgres.TransactionSql<TTypes>) => T | Promise<T>, retry: boolean | RetryOptions): Promise<Unwrapped<T>>
+  <T>(options: string, cb: (sql: postgres.TransactionSql<TTypes>) => T | Promise<T>, retry: boolean | RetryOptions): Promise<Unwrapped<T>>
+}
+
+/**
+ * Wraps `sql.begin`: it retries OCC conflicts with the `dsql()` settings, or with those of a
+ * last argument (`true`, `false` or options) for this call. Queries are untouched.
+ */
+export function withRetry<S extends { begin: unknown }>(sql: S, retry: boolean | RetryOptions | undefined, logger?: DsqlLogger): S {
+  const begin = sql.begin as (...args: unknown[]) => Promise<unknown>
+  const wrapped = (...args: unknown[]) => {
+    const last = args[args.length - 1]
+    const own = typeof last === 'boolean' || (typeof last === 'object' && last !== null) ? (args.pop() as boolean | RetryOptions) : undefined
+    const settings = own ?? retry
+    if (!settings) return begin(...args)
+    return retryOcc(() => begin(...args), retrySettings(settings), logger)
+  }
+  return Object.assign(sql, { begin: wrapped })
 }
