@@ -168,6 +168,25 @@ describe('failures are typed, fast, and lose nothing', () => {
     }
   })
 
+  test('no credentials anywhere in the default chain: DsqlCredentialsError, fast', async () => {
+    const saved = { ...process.env }
+    for (const k of Object.keys(process.env)) if (k.startsWith('AWS_') && k !== 'AWS_EC2_METADATA_DISABLED') delete process.env[k]
+    Object.assign(process.env, { AWS_SHARED_CREDENTIALS_FILE: '/nonexistent/credentials', AWS_CONFIG_FILE: '/nonexistent/config', AWS_EC2_METADATA_DISABLED: 'true' })
+    try {
+      const options = connectOptions()
+      delete options.credentials
+      const sql = dsql(options)
+      const started = Date.now()
+      const err = await sql`select 1`.catch((e: unknown) => e)
+      await sql.end()
+      expect(err).toBeInstanceOf(DsqlCredentialsError)
+      expect((err as Error).message).toMatch(/Could not get AWS credentials.*Configure credentials/s)
+      expect(Date.now() - started).toBeLessThan(2000)
+    } finally {
+      process.env = saved
+    }
+  })
+
   test('expired credentials are named as such', async () => {
     const credentials = { ...target().credentials, expiration: new Date(Date.now() - 60_000) }
     await using({ credentials }, async (sql) => {
