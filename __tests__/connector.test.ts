@@ -332,3 +332,47 @@ describe('sql.begin with OCC retry settings per call', () => {
     })
   })
 })
+
+describe('servers without direct TLS (PostgreSQL 16 and older, some proxies)', () => {
+  /** A relay to the stand-in that drops a connection opening with a TLS ClientHello, as PostgreSQL 16 does. */
+  async function withoutDirectTls<R>(run: (port: number) => Promise<R>): Promise<R> {
+    const relay = net.createServer((client) => {
+      client.once('data', (first) => {
+        if (first[0] === 0x16) return client.destroy()
+        const upstream = net.connect(target().port, '127.0.0.1', () => {
+          upstream.write(first)
+          client.pipe(upstream).pipe(client)
+        })
+        upstream.on('error', () => client.destroy())
+        client.on('error', () => upstream.destroy())
+      })
+    })
+    await new Promise<void>((r) => relay.listen(0, '127.0.0.1', r))
+    try {
+      return await run((relay.address() as net.AddressInfo).port)
+    } finally {
+      relay.close()
+    }
+  }
+
+  test('by default the connector falls back to SSLRequest once, and stays there', async () => {
+    await withoutDirectTls(async (port) => {
+      const warnings: string[] = []
+      const sql = dsql(connectOptions({ port, max: 2, logger: { warn: (m) => warnings.push(m) } }))
+      const rows = await Promise.all([sql`select 1 as n`, sql`select 2 as n`])
+      expect(rows.map(([r]) => r.n)).toEqual([1, 2])
+      await sql.end()
+      expect(warnings.filter((w) => /does not speak direct TLS/.test(w))).toHaveLength(1)
+    })
+  })
+
+  test("sslnegotiation: 'direct' chosen explicitly does not fall back", async () => {
+    await withoutDirectTls(async (port) => {
+      const sql = dsql(connectOptions({ port, sslnegotiation: 'direct' }))
+      const err = await sql`select 1`.catch((e: unknown) => e)
+      await sql.end()
+      expect(err).toBeInstanceOf(DsqlTlsError)
+      expect((err as Error).message).toMatch(/does not speak direct TLS .*sslnegotiation: 'postgres'/)
+    })
+  })
+})

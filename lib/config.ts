@@ -91,6 +91,8 @@ export interface DsqlConfig {
   schema: string | false
   tokenDurationSecs: number
   sslnegotiation: 'direct' | 'postgres'
+  /** Not chosen by the user: fall back to SSLRequest when a server does not speak direct TLS. */
+  directFallback: boolean
   tls: ConnectionOptions
   connectTimeoutMs: number
 }
@@ -158,6 +160,7 @@ export function resolveConfig(o: DsqlOptions<Types>, env: NodeJS.ProcessEnv = pr
     schema: resolveSchema(o.schema, user),
     tokenDurationSecs: resolveDuration(o.tokenDurationSecs),
     sslnegotiation: resolveNegotiation(o.sslnegotiation ?? env.PGSSLNEGOTIATION),
+    directFallback: (o.sslnegotiation ?? env.PGSSLNEGOTIATION) === undefined,
     tls: resolveTls(o.ssl, o.sslrootcert ?? env.PGSSLROOTCERT, host),
     connectTimeoutMs: resolveConnectTimeout(o.connect_timeout),
   }

@@ -29,16 +29,24 @@ export function connector(config: DsqlConfig, mint: Mint, options: ConnectorOpti
   // One TLS context per dsql(): building it (parsing the CA) per connection costs ~0.2 ms of CPU.
   const tlsOptions = { ...config.tls, secureContext: config.tls.secureContext ?? tls.createSecureContext(config.tls) }
   config = { ...config, tls: tlsOptions }
+  let negotiation = config.sslnegotiation
   return async function socket(pg: PgSocketOptions): Promise<net.Socket | Duplex> {
     const deadline = Date.now() + config.connectTimeoutMs
     for (let attempt = 1; ; attempt++) {
       const started = Date.now()
+      const current = { ...config, sslnegotiation: negotiation }
       try {
-        const session = await establish(config, mint, pg, options, deadline)
+        const session = await establish(current, mint, pg, options, deadline)
         logger?.debug?.('dsql connection ready', { host: config.host, attempt, ms: Date.now() - started })
-        return handOver(session, config, logger)
+        return handOver(session, current, logger)
       } catch (err) {
         const error = asDsqlError(err, config)
+        if (error instanceof NoDirectTls && config.directFallback && current.sslnegotiation === 'direct') {
+          // Servers before PostgreSQL 17 (and proxies) read a ClientHello as a broken startup packet.
+          if (negotiation === 'direct') logger?.warn?.('dsql: the server does not speak direct TLS; using SSLRequest from now on', { host: config.host })
+          negotiation = 'postgres'
+          continue
+        }
         const delay = backoffMs(attempt)
         if (!(error instanceof DsqlConnectionError && error.retryable) || Date.now() + delay >= deadline) {
           logger?.error?.('dsql connection failed', { host: config.host, attempt, code: error.code, message: error.message })
@@ -249,17 +257,19 @@ function openTls(config: DsqlConfig, deadline: number): Promise<tls.TLSSocket> {
       Math.max(0, deadline - Date.now()),
     )
     const startTls = (socket?: net.Socket) => {
+      const direct = !socket
       const target = socket ? { socket } : { host: config.hostaddr, port: config.port }
       const s = (secure = tls.connect({ ...config.tls, ALPNProtocols: ['postgresql'], ...target }))
+      let reached = !direct
       s.setNoDelay(true)
-      s.on('error', onSocketError)
-      s.once('close', onClose)
+      s.once('connect', () => (reached = true))
+      s.on('error', (err: NodeJS.ErrnoException) => fail(direct && reached && handshakeRefused(err) ? noDirectTls(config, err) : socketError(err, config)))
+      s.once('close', () => (direct && reached ? fail(noDirectTls(config)) : onClose()))
       s.once('secureConnect', () => {
-        if (config.sslnegotiation === 'direct' && s.alpnProtocol !== 'postgresql')
-          return fail(new DsqlTlsError(`${where(config)} did not accept direct TLS (ALPN "postgresql"): use sslnegotiation: 'postgres'.`))
+        if (direct && s.alpnProtocol !== 'postgresql') return fail(noDirectTls(config))
         clearTimeout(timer)
-        s.removeListener('error', onSocketError)
-        s.removeListener('close', onClose)
+        s.removeAllListeners('error')
+        s.removeAllListeners('close')
         resolve(s)
       })
     }
@@ -277,6 +287,19 @@ function openTls(config: DsqlConfig, deadline: number): Promise<tls.TLSSocket> {
   })
 }
 
+/** Direct TLS reached the server but it did not complete: the server may not speak it. */
+class NoDirectTls extends DsqlTlsError {}
+
+function noDirectTls(config: DsqlConfig, cause?: Error): NoDirectTls {
+  return new NoDirectTls(`${where(config)} does not speak direct TLS (ALPN "postgresql"): use sslnegotiation: 'postgres'.`, cause)
+}
+
+/** A handshake the server broke off, as opposed to a certificate that did not verify. */
+function handshakeRefused(err: NodeJS.ErrnoException): boolean {
+  const code = err.code ?? ''
+  return !/CERT|SELF_SIGNED|UNABLE_TO_|ALTNAME/.test(code) && (code === 'ECONNRESET' || code === 'EPROTO' || code.startsWith('ERR_SSL'))
+}
+
 const NETWORK_CODES = new Set(['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'EHOSTUNREACH', 'ENETUNREACH', 'EPIPE', 'EAI_AGAIN'])
 
 function socketError(err: NodeJS.ErrnoException, config: DsqlConfig): DsqlError {
@@ -290,8 +313,6 @@ function socketError(err: NodeJS.ErrnoException, config: DsqlConfig): DsqlError 
       `The certificate of ${where(config)} did not verify (${code}): trust the issuing CA with sslrootcert (e.g. certs/AmazonRootCA1.pem) or NODE_EXTRA_CA_CERTS. No token was sent.`,
       err,
     )
-  if (/NO_APPLICATION_PROTOCOL/.test(code))
-    return new DsqlTlsError(`${where(config)} does not speak direct TLS (ALPN "postgresql"): use sslnegotiation: 'postgres'.`, err)
   return new DsqlTlsError(`TLS with ${where(config)} failed (${code || err.message}). No token was sent.`, err)
 }
 
