@@ -90,3 +90,7 @@ function applicationName(given: unknown): string {
   const user = given ?? process.env.PGAPPNAME
   return user ? `${String(user)} ${ours}` : ours
 }
+
+// CommonJS: `const dsql = require('postgres-dsql')` gives the function, as require('postgres')
+// does; `.dsql`, `.default` and the other exports hang off it.
+module.exports = Object.assign(dsql, module.exports)

@@ -20,9 +20,9 @@ grep -q AWS_REGION env.sh || { echo "pack-check: the local stand-in did not star
 set -a; . ./env.sh; set +a
 
 cat > check.cjs <<'JS'
-const dsql = require('postgres-dsql').default
+const dsql = require('postgres-dsql')
 const { dsql: named, isOccError } = require('postgres-dsql')
-if (dsql !== named || typeof isOccError !== 'function') throw new Error('CommonJS exports are wrong')
+if (typeof dsql !== 'function' || dsql !== named || dsql.default !== dsql || typeof isOccError !== 'function') throw new Error('CommonJS exports are wrong')
 const sql = dsql({ host: process.env.CLUSTER_ENDPOINT })
 sql`select current_user as u`.then(([r]) => { if (r.u !== 'admin') throw new Error('wrong user ' + r.u); console.log('require: ok') }).finally(() => sql.end())
 JS
