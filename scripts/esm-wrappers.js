@@ -15,11 +15,13 @@ for (const entry of ['index', 'local/index']) {
   writeFileSync(file.replace(/\.js$/, '.mjs'), lines.filter(Boolean).join('\n') + '\n')
   // Types for `import`: the default export is the function, as at run time.
   const base = "'./" + entry.split('/').pop() + ".js'"
-  const hasDefault = 'default' in require(file)
+  // Seen from ESM, a CommonJS module's `default` is the whole module: name the function instead.
+  const mod = require(file)
+  const main = Object.keys(mod).find((name) => name !== 'default' && mod[name] === mod.default)
   const types = [
-    hasDefault ? 'import type * as cjs from ' + base : '',
-    hasDefault ? 'declare const main: typeof cjs.default' : '',
-    hasDefault ? 'export default main' : '',
+    main ? 'import type { ' + main + ' as main } from ' + base : '',
+    main ? 'declare const _default: typeof main' : '',
+    main ? 'export default _default' : '',
     'export * from ' + base,
   ]
   writeFileSync(file.replace(/\.js$/, '.d.mts'), types.filter(Boolean).join('\n') + '\n')

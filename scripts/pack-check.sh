@@ -37,5 +37,20 @@ console.log('import: ok')
 JS
 node check.cjs
 node check.mjs
+
+# The published types, from ESM and CommonJS TypeScript: generics flow through to postgres.Sql.
+typescript_version=$(node -p "require('$repo/node_modules/typescript/package.json').version")
+npm install --no-audit --no-fund "typescript@$typescript_version" "@types/node@20" >/dev/null
+for ext in mts cts; do
+  cat > "types.$ext" <<'TS'
+import dsql, { isOccError, type DsqlOptions } from 'postgres-dsql'
+import postgres from 'postgres'
+const options: DsqlOptions = { host: 'abcdefghijklmnopqrstuvwxyz.dsql.us-east-1.on.aws', schema: false }
+const sql = dsql({ ...options, types: { bigint: postgres.BigInt } })
+const typed: postgres.Sql<{ bigint: bigint }> = sql
+export const check = [typed, isOccError(null)]
+TS
+done
+npx --no-install tsc --noEmit --strict --module node16 --moduleResolution node16 --skipLibCheck false types.mts types.cts
 npx --no-install postgres-dsql --help >/dev/null
 echo "pack-check: ok ($tarball)"
