@@ -56,6 +56,20 @@ describe('connecting', () => {
     })
   })
 
+  test('sql.reserve() and sql.begin() as the very first call on an empty pool', async () => {
+    const [reserved] = await using({ max: 1, user: 'appuser' }, async (sql) => {
+      const c = await sql.reserve()
+      try {
+        return await c`select current_schema() as s`
+      } finally {
+        c.release()
+      }
+    })
+    expect(reserved.s).toBe('myschema')
+    const [begun] = await using({ max: 1, user: 'appuser' }, (sql) => sql.begin((tx) => tx`select current_schema() as s`))
+    expect(begun.s).toBe('myschema')
+  })
+
   test('schema: a chosen schema, or false for the server default', async () => {
     expect((await using({ schema: 'pg_catalog' }, (sql) => sql`select current_schema()`))[0].current_schema).toBe('pg_catalog')
     const [row] = await using({ user: 'appuser', schema: false }, (sql) => sql`select current_setting('search_path') as path`)

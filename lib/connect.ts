@@ -362,6 +362,10 @@ function replayStartup(socket: tls.TLSSocket, replay: Buffer) {
   // Not synchronously: postgres.js is still inside its write call.
   process.nextTick(() => {
     socket.emit('data', replay)
+    // postgres.js hands a connection opened for sql.reserve()/sql.begin() to its caller only on
+    // 'drain' or after its own type fetch; without that fetch, nothing else would (a no-op when
+    // the first query already went out).
+    socket.emit('drain')
     socket.resume()
   })
 }
