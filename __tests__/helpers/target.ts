@@ -9,6 +9,8 @@ export interface TestTarget {
   caFile: string
   ca: string
   credentials: AwsCredentialIdentity
+  /** The IAM identity the stand-in's key pairs belong to (AWS IAM GRANT maps roles to it). */
+  iamArn: string
 }
 
 /** The stand-in started by the global setup. */

@@ -43,6 +43,25 @@ export interface QueryResult {
   rows: (string | null)[][]
 }
 
+/** One statement's answer: its CommandComplete tag, columns (with type OIDs) and rows as text. */
+export interface StatementResult {
+  tag?: string
+  columns: string[]
+  types: number[]
+  rows: (string | null)[][]
+}
+
+/** Everything a request was answered with up to ReadyForQuery. */
+export interface Exchange {
+  /** One per completed statement, in order (a failed one has none). */
+  results: StatementResult[]
+  error?: PgErrorFields
+  /** ReadyForQuery's transaction status: I, T or E. */
+  status: string
+  /** Message types received, in order (e.g. '1', '2', 'T', 'D', 'C', 'Z'). */
+  types: string[]
+}
+
 interface Message {
   type: string
   body: Buffer
@@ -50,6 +69,7 @@ interface Message {
 
 const PROTOCOL_3 = 196608
 const SSL_REQUEST = int32s(8, 80877103)
+const SYNC = Buffer.from([0x53, 0, 0, 0, 4])
 
 /** Whole backend messages from a stream, one at a time. */
 class MessageReader {
@@ -130,6 +150,69 @@ export class WireClient {
         if (error) throw error
         return result
       }
+    }
+  }
+
+  /** A simple query, answered statement by statement (errors are returned, not thrown). */
+  async simple(sql: string): Promise<Exchange> {
+    this.socket.write(typed('Q', Buffer.from(sql + '\0')))
+    return this.exchange()
+  }
+
+  /**
+   * One statement through the extended protocol, as pgx and most drivers do it: Parse and
+   * Describe, Sync (errors here are the statement's refusal), then Bind, Execute, Sync.
+   */
+  async extended(sql: string): Promise<Exchange> {
+    this.send(this.parse('', sql), typed('D', Buffer.from('S\0')), SYNC)
+    const prepared = await this.exchange()
+    if (prepared.error) return prepared
+    this.send(this.bind('', ''), typed('D', Buffer.from('P\0')), typed('E', Buffer.concat([Buffer.from('\0'), int32s(0)])), SYNC)
+    const executed = await this.exchange()
+    return { ...executed, types: [...prepared.types, ...executed.types] }
+  }
+
+  /** Raw messages as given (e.g. a pipeline of several statements), answered up to the next ReadyForQuery. */
+  async pipeline(...messages: Buffer[]): Promise<Exchange> {
+    this.send(...messages)
+    return this.exchange()
+  }
+
+  parse(name: string, sql: string): Buffer {
+    return typed('P', Buffer.concat([Buffer.from(`${name}\0${sql}\0`), Buffer.alloc(2)]))
+  }
+
+  bind(portal: string, statement: string): Buffer {
+    return typed('B', Buffer.concat([Buffer.from(`${portal}\0${statement}\0`), Buffer.alloc(6)]))
+  }
+
+  execute(portal = ''): Buffer {
+    return typed('E', Buffer.concat([Buffer.from(`${portal}\0`), int32s(0)]))
+  }
+
+  readonly sync: Buffer = SYNC
+
+  private send(...messages: Buffer[]): void {
+    this.socket.write(Buffer.concat(messages))
+  }
+
+  private async exchange(): Promise<Exchange> {
+    const results: StatementResult[] = []
+    const types: string[] = []
+    let current: StatementResult = { columns: [], types: [], rows: [] }
+    let error: PgErrorFields | undefined
+    for (;;) {
+      const { type, body } = await this.reader.next()
+      types.push(type)
+      if (type === 'T') {
+        current.columns = columnNames(body)
+        current.types = columnTypes(body)
+      } else if (type === 'D') current.rows.push(rowValues(body))
+      else if (type === 'C' || type === 'I') {
+        results.push({ ...current, tag: type === 'C' ? body.toString('utf8', 0, body.length - 1) : undefined })
+        current = { columns: [], types: [], rows: [] }
+      } else if (type === 'E') error ??= errorFields(body)
+      else if (type === 'Z') return { results, error, status: String.fromCharCode(body[0]), types }
     }
   }
 
@@ -233,6 +316,17 @@ function columnNames(body: Buffer): string[] {
     i = end + 1 + 18
   }
   return names
+}
+
+function columnTypes(body: Buffer): number[] {
+  const types: number[] = []
+  let i = 2
+  for (let n = body.readUInt16BE(0); n > 0; n--) {
+    const end = body.indexOf(0, i)
+    types.push(body.readUInt32BE(end + 1 + 6))
+    i = end + 1 + 18
+  }
+  return types
 }
 
 function rowValues(body: Buffer): (string | null)[] {

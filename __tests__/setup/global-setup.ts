@@ -18,5 +18,6 @@ export default async function globalSetup(): Promise<void> {
     caFile: local.caFile,
     ca: local.ca,
     credentials: local.credentials,
+    iamArn: local.iamArn,
   })
 }

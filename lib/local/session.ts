@@ -20,6 +20,7 @@ import {
   parseErrorFields,
   parseStartupParameters,
   passwordText,
+  queryMessage,
   readBytes,
   readMessage,
   SSL_REQUEST_CODE,
@@ -27,7 +28,8 @@ import {
   TLS_HANDSHAKE_RECORD,
   type ErrorFields,
 } from './protocol'
-import { verifyToken, type Keyring } from './sigv4'
+import { DialectSession, relayMessages, serverParameter, type DialectSettings } from './relay'
+import { ADMIN_USER, verifyToken, type Keyring } from './sigv4'
 
 export const ALPN = 'postgresql'
 const DATABASE = 'postgres'
@@ -51,6 +53,10 @@ export interface GatewayContext {
   admit(connection: ClientConnection): ErrorFields | undefined
   logger: Logger
   count(event: 'authenticated' | 'rejected'): void
+  /** The DSQL dialect (statement rules, DSQL's errors and version); undefined: relay bytes unchanged. */
+  dialect?: DialectSettings
+  /** The IAM identity (ARN) of the accepted key pairs; with the dialect, roles must be mapped to it. */
+  iamArn?: string
 }
 
 type Startup = { kind: 'cancel'; packet: Buffer } | { kind: 'startup'; params: Record<string, string> }
@@ -129,7 +135,7 @@ export async function serve(connection: ClientConnection, context: GatewayContex
   clearTimeout(startupTimer)
   context.count('authenticated')
   context.logger.debug?.(`postgres-dsql local #${connection.id}: ${params.user} connected (${verdict.action}, key ${verdict.accessKeyId})`)
-  relay(connection, secured, connection.backend!)
+  relay(connection, secured, connection.backend!, context.dialect)
 }
 
 /** Until TLS is up: SSLRequest, direct TLS (ClientHello first), GSSENCRequest; plaintext refused. */
@@ -230,7 +236,8 @@ async function openSession(connection: ClientConnection, secured: TLSSocket, par
   const held: Buffer[] = []
   for (;;) {
     const message = await readMessage(backend)
-    held.push(encodeMessage(message.type, message.body))
+    const encoded = encodeMessage(message.type, message.body)
+    held.push(context.dialect && message.type === 'S' ? serverParameter(encoded) : encoded)
     if (message.type === 'Z') break
     if (message.type !== 'E') continue
     const fields = parseErrorFields(message.body)
@@ -244,14 +251,35 @@ async function openSession(connection: ClientConnection, secured: TLSSocket, par
     }
     return false
   }
+  if (context.dialect && context.iamArn && params.user !== ADMIN_USER && !(await mappedToIam(backend, context.iamArn))) {
+    refuse(connection, secured, context, denied(`Role "${params.user}" is not mapped to the IAM identity that signed the token: as admin, AWS IAM GRANT ${params.user} TO '${context.iamArn}'.`))
+    return false
+  }
   secured.write(Buffer.concat(held))
   return true
 }
 
-/** Plain byte relay. A later statement classifier can sit on the client-to-server pipe. */
-function relay(connection: ClientConnection, client: TLSSocket, server: Socket): void {
-  client.pipe(server)
-  server.pipe(client)
+/**
+ * DSQL lets a role other than admin log in only through an IAM identity mapped to it with
+ * AWS IAM GRANT (sys.iam_pg_role_mappings). The stand-in's key pairs are all one identity.
+ */
+async function mappedToIam(backend: Socket, arn: string): Promise<boolean> {
+  backend.write(queryMessage(`SELECT 1 FROM sys.iam_pg_role_mappings WHERE pg_role_name = current_user AND arn = '${arn.replace(/'/g, "''")}'`))
+  let mapped = false
+  for (;;) {
+    const message = await readMessage(backend)
+    if (message.type === 'D') mapped = true
+    if (message.type === 'Z') return mapped
+  }
+}
+
+/** With the dialect, message by message (relay.ts); without it, a plain byte relay. */
+function relay(connection: ClientConnection, client: TLSSocket, server: Socket, dialect: DialectSettings | undefined): void {
+  if (dialect) relayMessages(client, server, new DialectSession(dialect))
+  else {
+    client.pipe(server)
+    server.pipe(client)
+  }
   // Either side closing ends the other gracefully, so that a last message still gets through.
   client.on('close', () => server.end())
   server.on('close', () => linger(connection, client))
