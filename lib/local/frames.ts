@@ -5,31 +5,6 @@
  */
 import { encodeMessage, parseErrorFields, type ErrorFields } from './protocol'
 
-/** Cuts a stream into whole messages; a message split across chunks waits for its rest. */
-export class MessageSplitter {
-  private pending: Buffer | undefined
-
-  /** The whole messages now available, each a view into the chunk (no copy). */
-  push(chunk: Buffer): Buffer[] {
-    let buffer = this.pending ? Buffer.concat([this.pending, chunk]) : chunk
-    this.pending = undefined
-    const messages: Buffer[] = []
-    let offset = 0
-    while (buffer.length - offset >= 5) {
-      const end = offset + 1 + buffer.readUInt32BE(offset + 1)
-      if (end > buffer.length) break
-      messages.push(buffer.subarray(offset, end))
-      offset = end
-    }
-    if (offset < buffer.length) {
-      buffer = buffer.subarray(offset)
-      // Copied: the chunk it came from may be reused by the stream.
-      this.pending = Buffer.from(buffer)
-    }
-    return messages
-  }
-}
-
 /** Type byte of a whole message as a one-character string. */
 export const typeOf = (message: Buffer): string => String.fromCharCode(message[0])
 

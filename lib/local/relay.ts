@@ -16,6 +16,7 @@
  */
 import type { Socket } from 'node:net'
 import type { TLSSocket } from 'node:tls'
+import { Frames } from '../wire'
 import { asConflict, withoutInternals } from './conflicts'
 import { SERVER_VERSION, type Dialect, type Statement } from './dialect'
 import {
@@ -24,7 +25,6 @@ import {
   errorFieldsOf,
   errorFromFields,
   executePortal,
-  MessageSplitter,
   parameterStatus,
   parseMessage,
   queryMessage,
@@ -289,8 +289,8 @@ export function serverParameter(message: Buffer): Buffer {
  * peer cannot keep up is paused until the peer drains).
  */
 export function relayMessages(client: TLSSocket, server: Socket, session: DialectSession): void {
-  const fromClient = new MessageSplitter()
-  const fromServer = new MessageSplitter()
+  const fromClient = new Frames()
+  const fromServer = new Frames()
   client.on('data', (chunk: Buffer) => {
     const out = session.fromClient(fromClient.push(chunk))
     if (out.length && !server.write(out)) client.pause()
