@@ -8,9 +8,10 @@ import { connectOptions } from './helpers/target'
 
 type Sql = ReturnType<typeof dsql>
 
-const open = (extra: DsqlOptions = {}): Sql => dsql(connectOptions({ max: 8, ...extra }))
+// Setup drops tables that may not exist; their notices are expected, not worth printing.
+const open = (extra: DsqlOptions = {}): Sql => dsql(connectOptions({ max: 8, onnotice: () => undefined, ...extra }))
 /** One session: a pool of one connection, where postgres.js lets BEGIN and COMMIT be sent as queries. */
-const session = (): Sql => dsql(connectOptions({ max: 1 }))
+const session = (): Sql => dsql(connectOptions({ max: 1, onnotice: () => undefined }))
 const pause = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
 
 async function withTable<T>(sql: Sql, name: string, run: () => Promise<T>): Promise<T> {

@@ -8,6 +8,7 @@ import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
 import dsql from '../lib'
 import { startLocalDsql } from '../lib/local'
+import { main } from '../lib/cli'
 import { target } from './helpers/target'
 
 const root = resolve(__dirname, '..')
@@ -99,3 +100,22 @@ test('README SQL blocks run on a fresh stand-in as admin, one statement at a tim
     await local.stop()
   }
 }, 60_000)
+
+test('the README\'s token command prints a token for the endpoint it names', async () => {
+  const t = target()
+  const line = readme.split('\n').find((l) => l.startsWith('npx postgres-dsql token '))
+  expect(line).toBeDefined()
+  const args = (line as string).replace(/#.*$/, '').trim().split(/\s+/).slice(2).map((a) => a.replace('<id>.dsql.us-east-1.on.aws', t.host))
+  const saved = { ...process.env }
+  let printed = ''
+  const write = jest.spyOn(process.stdout, 'write').mockImplementation((chunk: string | Uint8Array) => ((printed += String(chunk)), true))
+  try {
+    Object.assign(process.env, { AWS_ACCESS_KEY_ID: t.credentials.accessKeyId, AWS_SECRET_ACCESS_KEY: t.credentials.secretAccessKey })
+    delete process.env.AWS_PROFILE
+    expect(await main(args)).toBe(0)
+  } finally {
+    write.mockRestore()
+    process.env = saved
+  }
+  expect(printed).toMatch(new RegExp(`^${t.host}/\\?Action=DbConnectAdmin&X-Amz-Algorithm=AWS4-HMAC-SHA256&`))
+})
