@@ -19,7 +19,7 @@ const cstr = (text: string): Buffer => Buffer.from(text + '\0', 'utf8')
 
 /** Query ('Q'): the SQL text. */
 export const queryText = (message: Buffer): string => cstring(message, 5)[0]
-export const queryMessage = (sql: string): Buffer => encodeMessage('Q', cstr(sql))
+export { queryMessage } from '../wire'
 
 export interface ParseMessage {
   name: string

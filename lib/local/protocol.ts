@@ -5,6 +5,8 @@
  */
 import type { Readable } from 'node:stream'
 
+export { queryMessage, quoteIdentifier } from '../wire'
+
 export const SSL_REQUEST_CODE = 80877103
 export const GSSENC_REQUEST_CODE = 80877104
 export const CANCEL_REQUEST_CODE = 80877102
@@ -78,7 +80,6 @@ export function startupMessage(params: Record<string, string>): Buffer {
   return Buffer.concat([int32s(8 + body.length, PROTOCOL_3), body])
 }
 
-export const queryMessage = (sql: string): Buffer => encodeMessage('Q', Buffer.from(sql + '\0'))
 export const terminateMessage = (): Buffer => encodeMessage('X', Buffer.alloc(0))
 
 /** The text of a PasswordMessage body, without its terminating NUL. */
@@ -141,9 +142,6 @@ export function int32s(...values: number[]): Buffer {
   return buffer
 }
 
-export function quoteIdentifier(name: string): string {
-  return '"' + name.replace(/"/g, '""') + '"'
-}
 
 /** A typed message: type byte, int32 length (itself included), body. */
 export function encodeMessage(type: string, body: Buffer): Buffer {
