@@ -390,3 +390,35 @@ describe('servers without direct TLS (PostgreSQL 16 and older, some proxies)', (
     })
   })
 })
+
+describe('review fixes', () => {
+  test('fetch_types: true still gives every query its own rows', async () => {
+    const rows = await using({ max: 1, fetch_types: true }, (sql) => Promise.all([sql`select 1 as a`, sql`select 2 as b`, sql`select 3 as c`]))
+    expect(rows.map((r) => [...r])).toEqual([[{ a: 1 }], [{ b: 2 }], [{ c: 3 }]])
+  })
+
+  test('a credentials provider that never answers is bounded by connect_timeout', async () => {
+    const sql = dsql(connectOptions({ credentials: () => new Promise(() => undefined), connect_timeout: 1 }))
+    const started = Date.now()
+    const err = await sql`select 1`.catch((e: unknown) => e)
+    await sql.end({ timeout: 0 })
+    expect(err).toBeInstanceOf(DsqlConnectionError)
+    expect((err as Error).message).toMatch(/Timed out after 1s/)
+    expect(Date.now() - started).toBeLessThan(2500)
+  })
+
+  test('onconnect may run its queries concurrently', async () => {
+    const seen: unknown[] = []
+    await using({ onconnect: async (s) => { seen.push(await Promise.all([s.query('select 1 as x'), s.query('select 2 as y')])) } }, (sql) => sql`select 1`)
+    expect(seen).toEqual([[[{ x: '1' }], [{ y: '2' }]]])
+  })
+
+  test("a provider's error is redacted in the cause too", async () => {
+    const secret = 'wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEYSECRET'
+    const sql = dsql(connectOptions({ credentials: async () => { throw new Error(`bad key ${secret}`) } }))
+    const err = await sql`select 1`.catch((e: unknown) => e)
+    await sql.end()
+    expect(err).toBeInstanceOf(DsqlCredentialsError)
+    expect(inspect(err, { depth: 5 })).not.toContain(secret)
+  })
+})

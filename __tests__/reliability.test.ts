@@ -117,3 +117,15 @@ test('rotation: credentials that expire every 3 s are refreshed; every connectio
     }
   })
 }, 60_000)
+
+test('sql.end() while a connection is being opened leaves no connection behind', async () => {
+  await withLocal({ latencyMs: 200 }, async (local, connect) => {
+    const sql = connect({ max: 2 })
+    const pending = sql`select 1`.catch((e: unknown) => e)
+    await new Promise((r) => setTimeout(r, 50))
+    await sql.end({ timeout: 0 })
+    await pending
+    await new Promise((r) => setTimeout(r, 1500))
+    expect(local.stats().open).toBe(0)
+  })
+}, 30_000)

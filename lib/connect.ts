@@ -11,11 +11,15 @@ export interface PgSocketOptions {
   user: string
   database: string
   connection: Record<string, string | number | boolean>
+  fetch_types: boolean
+  target_session_attrs: string | null
 }
 
 export interface ConnectorOptions {
   logger?: DsqlLogger
   onconnect?: (session: DsqlSession) => void | Promise<void>
+  /** True once sql.end() was called: a connection still being opened is not handed over. */
+  closing?: () => boolean
 }
 
 /**
@@ -25,7 +29,7 @@ export interface ConnectorOptions {
  * error: a rejected promise or a throw would leave postgres.js with a pool slot it never frees.
  */
 export function connector(config: DsqlConfig, mint: Mint, options: ConnectorOptions) {
-  const { logger } = options
+  const { logger, closing } = options
   // One TLS context per dsql(): building it (parsing the CA) per connection costs ~0.2 ms of CPU.
   const tlsOptions = { ...config.tls, secureContext: config.tls.secureContext ?? tls.createSecureContext(config.tls) }
   config = { ...config, tls: tlsOptions }
@@ -33,12 +37,19 @@ export function connector(config: DsqlConfig, mint: Mint, options: ConnectorOpti
   return async function socket(pg: PgSocketOptions): Promise<net.Socket | Duplex> {
     const deadline = Date.now() + config.connectTimeoutMs
     for (let attempt = 1; ; attempt++) {
+      if (closing?.()) return failedSocket(new DsqlConnectionError('The pool is ending (sql.end()).', { retryable: false }))
       const started = Date.now()
       const current = { ...config, sslnegotiation: negotiation }
       try {
         const session = await establish(current, mint, pg, options, deadline)
         logger?.debug?.('dsql connection ready', { host: config.host, attempt, ms: Date.now() - started })
-        return handOver(session, current, logger)
+        if (closing?.()) {
+          session.socket.destroy()
+          return failedSocket(new DsqlConnectionError('The pool is ending (sql.end()): connection not used.', { retryable: false }))
+        }
+        // postgres.js hands a connection opened for sql.reserve()/sql.begin() over only on 'drain'
+        // or after a setup query of its own (type fetch, session attributes).
+        return handOver(session, current, logger, !pg.fetch_types && !pg.target_session_attrs)
       } catch (err) {
         const error = asDsqlError(err, config)
         if (error instanceof NoDirectTls && config.directFallback && current.sslnegotiation === 'direct') {
@@ -88,7 +99,7 @@ async function establish(config: DsqlConfig, mint: Mint, pg: PgSocketOptions, op
     }
     const session: DsqlSession = { query: (sql) => reader.query(sql), parameters }
     if (setSchema) await session.query(setSchema)
-    await Promise.resolve(options.onconnect(session)).catch((err: unknown) => {
+    await reader.guard(Promise.resolve(options.onconnect(session))).catch((err: unknown) => {
       if (err instanceof DsqlError) throw err
       throw new DsqlConnectionError(`onconnect failed: ${err instanceof Error ? err.message : String(err)}`, { retryable: false, cause: err })
     })
@@ -115,7 +126,7 @@ async function authenticate(reader: Reader, socket: tls.TLSSocket, token: Promis
     if (type === 'E') throw startupError(wire.errorFields(message), config)
     if (type === 'R') {
       const code = wire.authCode(message)
-      if (code === 3) socket.write(wire.passwordMessage(await token))
+      if (code === 3) socket.write(wire.passwordMessage(await reader.guard(token)))
       else if (code !== 0) throw new DsqlConnectionError(`The server asked for authentication method ${code}; DSQL uses a cleartext IAM token.`, { retryable: false })
       else replay.push(message)
       continue
@@ -156,12 +167,20 @@ class Reader {
   private waiting: { resolve(m: Buffer): void; reject(e: Error): void } | null = null
   private failure: Error | null = null
   private timer: NodeJS.Timeout
+  private queries: Promise<unknown> = Promise.resolve()
+  /** Once a statement of the user's went out, a lost connection must not be retried. */
+  private statementSent = false
+  /** Rejects when the session fails or times out: every wait in `establish` races it. */
+  readonly failed: Promise<never>
+  private rejectFailed: (error: Error) => void = () => undefined
 
   constructor(
     private socket: tls.TLSSocket,
     deadline: number,
     private config: DsqlConfig,
   ) {
+    this.failed = new Promise<never>((_, reject) => (this.rejectFailed = reject))
+    this.failed.catch(() => undefined)
     socket.on('data', this.onData)
     socket.on('error', this.onError)
     socket.on('close', this.onClose)
@@ -178,8 +197,20 @@ class Reader {
     return new Promise((resolve, reject) => (this.waiting = { resolve, reject }))
   }
 
-  /** Simple-protocol query for `onconnect`; rows as text. */
-  async query(sql: string): Promise<Record<string, string | null>[]> {
+  /** Races `work` against the session failing or timing out. */
+  guard<T>(work: Promise<T>): Promise<T> {
+    return Promise.race([work, this.failed])
+  }
+
+  /** Simple-protocol query for `onconnect`, one at a time; rows as text. */
+  query(sql: string): Promise<Record<string, string | null>[]> {
+    const run = this.queries.then(() => this.run(sql))
+    this.queries = run.catch(() => undefined)
+    return this.guard(run)
+  }
+
+  private async run(sql: string): Promise<Record<string, string | null>[]> {
+    this.statementSent = true
     this.socket.write(wire.queryMessage(sql))
     const rows: Record<string, string | null>[] = []
     let columns: string[] = []
@@ -216,13 +247,15 @@ class Reader {
     }
   }
 
-  private onError = (err: Error) => this.fail(new DsqlConnectionError(`Connection to ${where(this.config)} failed during startup: ${err.message}.`, { retryable: true, cause: err }))
+  private onError = (err: Error) =>
+    this.fail(new DsqlConnectionError(`Connection to ${where(this.config)} failed during startup: ${err.message}.`, { retryable: !this.statementSent, cause: err }))
 
-  private onClose = () => this.fail(new DsqlConnectionError(`DSQL closed the connection during startup.`, { retryable: true }))
+  private onClose = () => this.fail(new DsqlConnectionError(`DSQL closed the connection during startup.`, { retryable: !this.statementSent }))
 
   private fail(error: Error) {
     clearTimeout(this.timer)
     this.failure ??= error
+    this.rejectFailed(this.failure)
     if (this.waiting) {
       const { reject } = this.waiting
       this.waiting = null
@@ -332,7 +365,7 @@ function where(config: { host: string; hostaddr: string; port: number }): string
  * round trip) and its reply is removed from the stream. Then the socket is left untouched.
  * A CancelRequest instead goes out on a connection of its own, as the protocol wants.
  */
-function handOver({ socket, replay, pipelined }: Established, config: DsqlConfig, logger: DsqlLogger | undefined): net.Socket {
+function handOver({ socket, replay, pipelined }: Established, config: DsqlConfig, logger: DsqlLogger | undefined, drain: boolean): net.Socket {
   const write = socket.write
   socket.on('error', () => undefined)
   const patched = socket as unknown as { write: (chunk: Buffer, ...rest: unknown[]) => boolean }
@@ -347,10 +380,10 @@ function handOver({ socket, replay, pipelined }: Established, config: DsqlConfig
         swallowReply(socket, logger)
         return (write as (chunk: Buffer, ...rest: unknown[]) => boolean).call(socket, Buffer.concat([wire.queryMessage(pipelined), first]), ...more)
       }
-      replayStartup(socket, replay)
+      replayStartup(socket, replay, drain)
     } else {
       Reflect.deleteProperty(socket, 'write')
-      replayStartup(socket, replay)
+      replayStartup(socket, replay, drain)
     }
     if (callback) process.nextTick(callback)
     return true
@@ -358,14 +391,12 @@ function handOver({ socket, replay, pipelined }: Established, config: DsqlConfig
   return socket
 }
 
-function replayStartup(socket: tls.TLSSocket, replay: Buffer) {
+function replayStartup(socket: tls.TLSSocket, replay: Buffer, drain: boolean) {
   // Not synchronously: postgres.js is still inside its write call.
   process.nextTick(() => {
     socket.emit('data', replay)
-    // postgres.js hands a connection opened for sql.reserve()/sql.begin() to its caller only on
-    // 'drain' or after its own type fetch; without that fetch, nothing else would (a no-op when
-    // the first query already went out).
-    socket.emit('drain')
+    // A no-op when the first query already went out; hands over a connection opened for reserve().
+    if (drain) socket.emit('drain')
     socket.resume()
   })
 }

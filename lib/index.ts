@@ -34,12 +34,15 @@ export function dsql<T extends Types = {}>(first?: string | DsqlOptions<T>, seco
   const options = definedOnly(given) as DsqlOptions<T>
   const config = resolveConfig(options as DsqlOptions)
   const credentials = credentialProvider(credentialsOption(options as DsqlOptions), options.profile ?? process.env.AWS_PROFILE)
-  const open = connector(config, tokenMinter(config, credentials), { logger: options.logger, onconnect: options.onconnect })
+  let ending = false
+  const open = connector(config, tokenMinter(config, credentials), { logger: options.logger, onconnect: options.onconnect, closing: () => ending })
   const socket = (pg: PgSocketOptions & PgTypeOptions) => {
     installArrayTypes(pg)
     return open(pg)
   }
   const sql = postgres(postgresOptions(options, config, socket) as unknown as postgres.Options<T>) as unknown as DsqlSql<T>
+  const end = sql.end
+  sql.end = (...args: Parameters<typeof end>) => ((ending = true), end(...args))
   return withRetry(sql, options.retry, options.logger)
 }
 
