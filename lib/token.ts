@@ -31,7 +31,11 @@ export function tokenMinter(config: DsqlConfig, credentials: AwsCredentialIdenti
   const sign = config.action === 'DbConnectAdmin' ? () => signer.getDbConnectAdminAuthToken() : () => signer.getDbConnectAuthToken()
   return async () => {
     await checkedCredentials(credentials)
-    return sign()
+    try {
+      return await sign()
+    } catch (err) {
+      throw new DsqlCredentialsError(`Could not sign the DSQL token: ${describe(err)}.`, redacted(err))
+    }
   }
 }
 
@@ -43,7 +47,7 @@ async function checkedCredentials(provider: AwsCredentialIdentityProvider): Prom
     throw new DsqlCredentialsError(
       `Could not get AWS credentials to sign the DSQL token: ${describe(err)}. ` +
         'Configure credentials (AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, `aws sso login`, an instance role) or pass `credentials`.',
-      err,
+      redacted(err),
     )
   }
   if (!identity || typeof identity.accessKeyId !== 'string' || typeof identity.secretAccessKey !== 'string')
@@ -59,4 +63,11 @@ async function checkedCredentials(provider: AwsCredentialIdentityProvider): Prom
 function describe(err: unknown): string {
   const message = err instanceof Error ? err.message : String(err)
   return message.replace(/[A-Za-z0-9/+=]{32,}/g, '[redacted]').slice(0, 500)
+}
+
+/** The provider's error as a cause, with its message redacted and nothing else of it kept. */
+function redacted(err: unknown): Error {
+  const copy = new Error(describe(err))
+  copy.name = err instanceof Error ? err.name : 'Error'
+  return copy
 }
