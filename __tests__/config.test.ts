@@ -108,6 +108,12 @@ describe('roles, schema, token and TLS options', () => {
     expect(() => mergeUrl(`postgres://admin:secret@${HOST}/postgres`, {})).toThrow(/Do not pass a password/)
   })
 
+  test("a URL's postgres.js options are options, not startup parameters", () => {
+    const merged = mergeUrl(`postgres://admin@${HOST}/postgres?connect_timeout=5&max=3&prepare=false&application_name=x`, {})
+    expect(merged).toMatchObject({ connect_timeout: 5, max: 3, prepare: false, connection: { application_name: 'x' } })
+    expect(merged.connection).toEqual({ application_name: 'x' })
+  })
+
   test('a URL gives host, user, database and libpq parameters; options win over it', () => {
     const merged = mergeUrl(`postgres://app@${HOST}:6000/postgres?sslrootcert=certs/AmazonRootCA1.pem&sslnegotiation=postgres&hostaddr=127.0.0.1`, { port: 7000 })
     expect(resolve(merged)).toMatchObject({ user: 'app', port: 7000, hostaddr: '127.0.0.1', sslnegotiation: 'postgres' })

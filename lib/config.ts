@@ -113,8 +113,12 @@ export function mergeUrl<T extends Types>(url: string | undefined, options: Dsql
   }
   if (parsed.password) throw passwordError()
   const query = Object.fromEntries(parsed.searchParams)
-  const { sslmode, ssl, sslrootcert, sslnegotiation, hostaddr, region, ...params } = query
+  const { sslmode, ssl, sslrootcert, sslnegotiation, hostaddr, region, ...rest } = query
+  // As in postgres.js: its own option names are options, every other key a startup parameter.
+  const settings = Object.fromEntries(Object.entries(rest).filter(([k]) => k in URL_OPTIONS).map(([k, v]) => [k, URL_OPTIONS[k](v)]))
+  const params = Object.fromEntries(Object.entries(rest).filter(([k]) => !(k in URL_OPTIONS)))
   const fromUrl: Record<string, unknown> = {
+    ...settings,
     host: parsed.hostname ? decodeURIComponent(parsed.hostname) : undefined,
     port: parsed.port ? Number(parsed.port) : undefined,
     user: parsed.username ? decodeURIComponent(parsed.username) : undefined,
@@ -129,6 +133,14 @@ export function mergeUrl<T extends Types>(url: string | undefined, options: Dsql
   const merged = { ...definedOnly(fromUrl), ...definedOnly(options) } as DsqlOptions<T>
   if (fromUrl.connection && options.connection) merged.connection = { ...params, ...options.connection }
   return merged
+}
+
+const number = (v: string) => Number(v)
+const flag = (v: string) => v !== 'false' && v !== '0' && v !== 'disable'
+/** postgres.js options a URL may carry, with how to read their text. */
+const URL_OPTIONS: Record<string, (v: string) => unknown> = {
+  max: number, idle_timeout: number, connect_timeout: number, max_lifetime: number, max_pipeline: number, backoff: number,
+  keep_alive: number, prepare: flag, fetch_types: flag, debug: flag, publications: String, target_session_attrs: String,
 }
 
 /** Drops keys whose value is `undefined`: postgres.js would let them beat its defaults. */
