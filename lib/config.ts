@@ -159,6 +159,7 @@ export function resolveConfig(o: DsqlOptions<Types>, env: NodeJS.ProcessEnv = pr
   const user = o.user ?? o.username ?? 'admin'
   if (typeof user !== 'string' || !user) throw new DsqlConfigError('`user` must be a non-empty role name, e.g. "admin".')
   const database = o.database ?? o.db ?? 'postgres'
+  const negotiation = o.sslnegotiation ?? env.PGSSLNEGOTIATION
 
   return {
     host,
@@ -171,8 +172,8 @@ export function resolveConfig(o: DsqlOptions<Types>, env: NodeJS.ProcessEnv = pr
     action: user === 'admin' ? 'DbConnectAdmin' : 'DbConnect',
     schema: resolveSchema(o.schema, user),
     tokenDurationSecs: resolveDuration(o.tokenDurationSecs),
-    sslnegotiation: resolveNegotiation(o.sslnegotiation ?? env.PGSSLNEGOTIATION),
-    directFallback: (o.sslnegotiation ?? env.PGSSLNEGOTIATION) === undefined,
+    sslnegotiation: resolveNegotiation(negotiation),
+    directFallback: negotiation === undefined,
     tls: resolveTls(o.ssl, o.sslrootcert ?? env.PGSSLROOTCERT, host),
     connectTimeoutMs: resolveConnectTimeout(o.connect_timeout),
   }

@@ -266,11 +266,10 @@ class Reader {
 }
 
 function sessionError(fields: Record<string, string>, sql: string): DsqlError {
-  const error = new DsqlConnectionError(`onconnect query failed: ${fields.M ?? 'error'} [${fields.C ?? ''}] in: ${sql.slice(0, 200)}`, {
+  return new DsqlConnectionError(`onconnect query failed: ${fields.M ?? 'error'} [${fields.C ?? ''}] in: ${sql.slice(0, 200)}`, {
     sqlstate: fields.C,
     retryable: false,
   })
-  return error
 }
 
 /** TCP to hostaddr, then TLS with SNI = host, verified; direct (ALPN) or after an SSLRequest. */
@@ -293,7 +292,8 @@ function openTls(config: DsqlConfig, deadline: number): Promise<tls.TLSSocket> {
       const direct = !socket
       const target = socket ? { socket } : { host: config.hostaddr, port: config.port }
       const s = (secure = tls.connect({ ...config.tls, ALPNProtocols: ['postgresql'], ...target }))
-      let reached = !direct
+      // Direct TLS that reached the server and then broke off suggests a server without it.
+      let reached = false
       s.setNoDelay(true)
       s.once('connect', () => (reached = true))
       s.on('error', (err: NodeJS.ErrnoException) => fail(direct && reached && handshakeRefused(err) ? noDirectTls(config, err) : socketError(err, config)))
