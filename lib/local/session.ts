@@ -130,6 +130,9 @@ export async function serve(connection: ClientConnection, context: GatewayContex
   const verdict = await verifyToken(passwordText(password.body), { host: sni, user: params.user, region: context.region }, context.keys)
   if (!verdict.ok) return refuse(connection, secured, context, denied(verdict.hint))
   if (context.reservedUsers.has(params.user)) return refuse(connection, secured, context, denied(`Role "${params.user}" does not exist`))
+  // A guess (DSQL's answer at startup is not recorded): SET's words, as a FATAL once authenticated.
+  const setting = context.dialect?.dialect.startupRefusal(params)
+  if (setting) return refuse(connection, secured, context, { severity: 'FATAL', code: setting.code, message: setting.message })
 
   if (!(await openSession(connection, secured, params, context))) return
   clearTimeout(startupTimer)

@@ -5,6 +5,7 @@
  * there is one; otherwise it follows DSQL's pattern for the neighbouring cases.
  */
 import { columnTypeRefusal, NO_RUNTIME, typeRef, type TypeRef } from './datatypes'
+import { notSupported, settingAllowed, type SessionSettingsMode } from './settings'
 
 /** A parse tree node: `{ NodeName: { ...fields } }`, as libpg_query's JSON output has it. */
 export type Node = Record<string, unknown>
@@ -128,6 +129,9 @@ const FIXED_SETTINGS = new Set([
   'transaction_deferrable',
 ])
 
+/** pg_advisory_lock, pg_try_advisory_xact_lock_shared, pg_advisory_unlock_all, ... */
+const ADVISORY_LOCK = /^pg_(try_)?advisory_/
+
 /** Text search functions whose first argument names a configuration; DSQL has none. */
 const TEXT_SEARCH = new Set(['to_tsvector', 'to_tsquery', 'plainto_tsquery', 'phraseto_tsquery', 'websearch_to_tsquery', 'ts_headline', 'json_to_tsvector', 'jsonb_to_tsvector'])
 
@@ -137,10 +141,11 @@ export function nodeOf(stmt: Node): [string, Fields] {
   return [name, (stmt[name] ?? {}) as Fields]
 }
 
-export function judge(stmt: Node): Judgement {
+/** `settings`: whether DSQL's allowlist of session settings applies ('dsql') or PostgreSQL's rules ('postgres'). */
+export function judge(stmt: Node, settings: SessionSettingsMode = 'dsql'): Judgement {
   const [name, node] = nodeOf(stmt)
   const effect = effectOf(name, node)
-  const refusal = statementRefusal(name, node) ?? expressionRefusal(stmt)
+  const refusal = statementRefusal(name, node, settings) ?? expressionRefusal(stmt, settings)
   return refusal ? { effect, refusal } : { effect }
 }
 
@@ -165,7 +170,7 @@ function effectOf(name: string, node: Fields): Effect {
 
 const DML_NAMES = new Set(['InsertStmt', 'UpdateStmt', 'DeleteStmt', 'MergeStmt'])
 
-function statementRefusal(name: string, node: Fields): Refusal | undefined {
+function statementRefusal(name: string, node: Fields, settings: SessionSettingsMode): Refusal | undefined {
   if (UNSUPPORTED_NODES.has(name)) return unsupportedStatement(name)
   switch (name) {
     case 'MergeStmt':
@@ -173,7 +178,7 @@ function statementRefusal(name: string, node: Fields): Refusal | undefined {
     case 'TransactionStmt':
       return transactionRefusal(node)
     case 'VariableSetStmt':
-      return settingRefusal(node)
+      return settingRefusal(node, settings)
     case 'VariableShowStmt':
       return ['lc_collate', 'lc_ctype'].includes(String(node.name).toLowerCase())
         ? refuse(`unrecognized configuration parameter "${String(node.name).toLowerCase()}"`, '42704')
@@ -256,14 +261,19 @@ function isolationRefusal(list: unknown): Refusal | undefined {
   return refuse(`Unsupported isolation level: ${value.toUpperCase()}`)
 }
 
-function settingRefusal(node: Fields): Refusal | undefined {
+/**
+ * SET, SET LOCAL, RESET: DSQL accepts only the parameters of its allowlist (settings.ts). RESET
+ * ALL changes nothing DSQL has not allowed, so it passes (a guess: not recorded).
+ */
+function settingRefusal(node: Fields, settings: SessionSettingsMode): Refusal | undefined {
   const name = String(node.name ?? '')
-  if (name === 'TRANSACTION' || name === 'SESSION CHARACTERISTICS')
-    return isolationRefusal(node.args) ?? refuse(`setting configuration parameter "${name}" not supported`)
-  if (FIXED_SETTINGS.has(name.toLowerCase())) return refuse(`setting configuration parameter "${name.toLowerCase()}" not supported`)
-  // The stand-in's own bookkeeping (row counts, limits) is not the client's to change.
-  if (name.toLowerCase().startsWith('dsql_local.')) return refuse(`setting configuration parameter "${name.toLowerCase()}" not supported`)
-  return undefined
+  if (name === 'TRANSACTION' || name === 'SESSION CHARACTERISTICS') return isolationRefusal(node.args) ?? notSupported(name)
+  const lower = name.toLowerCase()
+  // Isolation is fixed and the stand-in's own bookkeeping (row counts, limits) is not the
+  // client's to change, whatever the mode.
+  if (FIXED_SETTINGS.has(lower) || lower.startsWith('dsql_local.')) return notSupported(lower)
+  if (settings === 'postgres' || node.kind === 'VAR_RESET_ALL' || settingAllowed(lower)) return undefined
+  return notSupported(lower)
 }
 
 function createTableRefusal(node: Fields): Refusal | undefined {
@@ -361,7 +371,7 @@ function functionRefusal(node: Fields): Refusal | undefined {
 }
 
 /** Refusals found anywhere in a statement: locking clauses, TABLESAMPLE, unsupported types and functions. */
-function expressionRefusal(stmt: Node): Refusal | undefined {
+function expressionRefusal(stmt: Node, settings: SessionSettingsMode): Refusal | undefined {
   let found: Refusal | undefined
   walk(stmt, (name, node) => {
     if (found) return
@@ -371,16 +381,24 @@ function expressionRefusal(stmt: Node): Refusal | undefined {
     else if (name === 'TypeCast') {
       const type = typeOfNode(node.typeName)
       if (type && !type.qualified && NO_RUNTIME.has(type.sql)) found = refuse(`datatype ${type.sql} not supported`)
-    } else if (name === 'FuncCall') found = functionCallRefusal(node)
+    } else if (name === 'FuncCall') found = functionCallRefusal(node, settings)
   })
   return found
 }
 
-function functionCallRefusal(node: Fields): Refusal | undefined {
+function functionCallRefusal(node: Fields, settings: SessionSettingsMode): Refusal | undefined {
   const names = list(node.funcname).map(stringValue)
   const qualified = names.length > 1 && names[0] !== 'pg_catalog'
   const fn = names[names.length - 1] ?? ''
   if (qualified) return undefined
+  // DSQL has no advisory locks: golang-migrate's users met "function pg_advisory_lock not supported".
+  if (ADVISORY_LOCK.test(fn)) return refuse(`function ${fn} not supported`)
+  if (fn === 'set_config') {
+    // A name known only at run time (a parameter, an expression) is left to PostgreSQL.
+    const setting = constString(list(node.args)[0])?.toLowerCase()
+    if (setting !== undefined && (FIXED_SETTINGS.has(setting) || setting.startsWith('dsql_local.') || (settings === 'dsql' && !settingAllowed(setting))))
+      return notSupported(setting)
+  }
   // line(...), circle(...): function-style casts to geometric types.
   if (NO_RUNTIME.has(fn)) return refuse(`datatype ${fn} not supported`)
   const args = list(node.args)
