@@ -170,7 +170,7 @@ describe('tokenizer', () => {
 describe('transaction rules', () => {
   const stmt = (effect: Statement['effect']): Statement => ({ text: '', effect })
   test('one DDL per transaction, never with DML, explicit or implicit', () => {
-    const rules = new TransactionRules({ maxAgeMs: 300_000 })
+    const rules = new TransactionRules({ maxAgeMs: 300_000, maxResultBytes: 1 << 27 })
     expect(rules.admit(stmt('begin'), 0)).toBeUndefined()
     expect(rules.admit(stmt('ddl'), 0)).toBeUndefined()
     expect(rules.admit(stmt('ddl'), 0)?.message).toBe('multiple ddl statements not supported in a transaction')
@@ -184,7 +184,7 @@ describe('transaction rules', () => {
   })
 
   test('the age limit, and ReadyForQuery as the truth', () => {
-    const rules = new TransactionRules({ maxAgeMs: 1000 })
+    const rules = new TransactionRules({ maxAgeMs: 1000, maxResultBytes: 1 << 27 })
     rules.admit(stmt('begin'), 0)
     expect(rules.admit(stmt('other'), 999)).toBeUndefined()
     expect(rules.admit(stmt('other'), 1001)).toEqual({ code: '54000', message: 'transaction age limit of 1s exceeded' })
@@ -489,6 +489,20 @@ describe('through the stand-in', () => {
       await Promise.all(clients.map((c) => c.close().catch(() => undefined)))
       clients.length = 0
       await Promise.all([small?.stop(), plain?.stop()])
+    })
+
+    test('the result size limit: a statement answering more rows than allowed fails, the session goes on', async () => {
+      const c = await connect('admin', small)
+      await small.setLimits({ maxResultBytes: 10_000 })
+      try {
+        const tooLarge = { code: '54000', message: 'query requires more than allowed temp space of 131072 KB to execute' }
+        expect((await c.simple("select repeat('x', 100) from generate_series(1, 200); select 1")).error).toMatchObject(tooLarge)
+        expect((await c.extended("select repeat('x', 100) from generate_series(1, 200)")).error).toMatchObject(tooLarge)
+        expect((await c.extended("select repeat('x', 100) from generate_series(1, 20)")).results[0].rows).toHaveLength(20)
+      } finally {
+        await small.setLimits({ maxResultBytes: 128 * 1024 * 1024 })
+      }
+      expect((await c.simple("select repeat('x', 100) from generate_series(1, 200)")).results[0].rows).toHaveLength(200)
     })
 
     test('row, size and age limits per transaction', async () => {

@@ -26,12 +26,13 @@ import type { Logger } from './logger'
 import { startPostgres, SUPERUSER, type PostgresServer } from './postgres'
 import type { DialectSettings } from './relay'
 import type { SessionSettingsMode } from './settings'
+import { MAX_RESULT_BYTES } from './transaction'
 import { ADMIN_USER, Keyring } from './sigv4'
 
 export type { Logger as LocalDsqlLogger } from './logger'
 export type { GatewayStats as LocalDsqlStats } from './gateway'
 /** Connection limits, and with the dialect DSQL's catalog quotas and the async jobs' minimum time. */
-export type LocalDsqlLimits = Partial<Limits & CatalogQuotas & { asyncJobMinMs: number }>
+export type LocalDsqlLimits = Partial<Limits & CatalogQuotas & { asyncJobMinMs: number; maxResultBytes: number }>
 
 /** DSQL's per-transaction limits, adjustable so that tests can reach them quickly. */
 export interface LocalDsqlDialectOptions {
@@ -114,7 +115,8 @@ export interface LocalDsql {
   /**
    * Changes limits for new connections (wakingUp: refuse them as a cluster waking up), and with
    * the dialect the catalog quotas (maxColumnsPerTable, maxIndexesPerTable, maxTables,
-   * maxSchemas) and asyncJobMinMs, for the statements that follow once it resolves.
+   * maxSchemas), maxResultBytes (rows one statement may answer, DSQL's 128 MiB) and asyncJobMinMs,
+   * for the statements that follow once it resolves.
    */
   setLimits(limits: LocalDsqlLimits): Promise<void>
   /** Async jobs stay unfinished (their indexes unusable) until releaseJobs(). */
@@ -151,7 +153,7 @@ export async function startLocalDsql(options: LocalDsqlOptions = {}): Promise<Lo
   let quotas = DEFAULT_QUOTAS
   const dialect: DialectSettings | undefined = dialectOptions && {
     dialect: await Dialect.load({ sessionSettings: options.sessionSettings }),
-    limits: { maxAgeMs: positive('transactionAgeSecs', dialectOptions.transactionAgeSecs ?? 300) * 1000 },
+    limits: { maxAgeMs: positive('transactionAgeSecs', dialectOptions.transactionAgeSecs ?? 300) * 1000, maxResultBytes: MAX_RESULT_BYTES },
   }
 
   const baseDir = mkdtempSync(join(tmpdir(), 'postgres-dsql-local-'))
@@ -238,15 +240,19 @@ export async function startLocalDsql(options: LocalDsqlOptions = {}): Promise<Lo
     allowCredentials: (more) => keys.add(more),
     // Checked and applied at once (a bad value throws here); only the quotas wait for PostgreSQL.
     setLimits: (limits) => {
-      const { maxColumnsPerTable, maxIndexesPerTable, maxTables, maxSchemas, asyncJobMinMs, ...connections } = limits
+      const { maxColumnsPerTable, maxIndexesPerTable, maxTables, maxSchemas, asyncJobMinMs, maxResultBytes, ...connections } = limits
       const catalog = { maxColumnsPerTable, maxIndexesPerTable, maxTables, maxSchemas }
       const changesCatalog = Object.values(catalog).some((v) => v !== undefined)
-      if ((changesCatalog || asyncJobMinMs !== undefined) && !control) throw new TypeError('Catalog quotas and asyncJobMinMs need the dialect (dialect: false was given)')
+      if ((changesCatalog || asyncJobMinMs !== undefined || maxResultBytes !== undefined) && !control)
+        throw new TypeError('Catalog quotas, maxResultBytes and asyncJobMinMs need the dialect (dialect: false was given)')
       const next = { ...quotas }
       for (const [key, value] of Object.entries(catalog)) if (value !== undefined) next[key as keyof CatalogQuotas] = positiveInteger(key, value)
       const minMs = asyncJobMinMs === undefined ? undefined : nonNegativeMs('asyncJobMinMs', asyncJobMinMs)
+      const resultBytes = maxResultBytes === undefined ? undefined : positiveInteger('maxResultBytes', maxResultBytes)
       gateway.setLimits(connections)
       if (minMs !== undefined) control?.setMinMs(minMs)
+      // Sessions read the dialect's limits object as they go: the change reaches open ones too.
+      if (resultBytes !== undefined && dialect) dialect.limits.maxResultBytes = resultBytes
       if (!changesCatalog || !control) return Promise.resolve()
       quotas = next
       return control.setQuotas(next)

@@ -38,7 +38,7 @@ import {
 } from './frames'
 import { errorResponse } from './protocol'
 import type { Refusal } from './statements'
-import { TransactionRules, type TransactionLimits } from './transaction'
+import { RESULT_TOO_LARGE, TransactionRules, type TransactionLimits } from './transaction'
 
 export interface DialectSettings {
   dialect: Dialect
@@ -62,6 +62,10 @@ export class DialectSession {
   private readonly portals = new Map<string, Statement | undefined>()
   private readonly refusals = new Map<string, Refusal>()
   private nextRefusal = 1
+  /** Bytes of DataRows of the statement answering now; past the limit, its answer becomes an error. */
+  private resultBytes = 0
+  /** A result was cut off: what PostgreSQL still sends up to ReadyForQuery is dropped. */
+  private cutOff = false
 
   constructor(
     private readonly settings: DialectSettings,
@@ -116,8 +120,21 @@ export class DialectSession {
   fromServer(messages: Buffer[]): Buffer {
     const out: Buffer[] = []
     for (const message of messages) {
-      switch (typeOf(message)) {
+      const type = typeOf(message)
+      if (this.cutOff && type !== 'Z') continue
+      switch (type) {
+        case 'D':
+          this.resultBytes += message.length
+          if (this.resultBytes > this.settings.limits.maxResultBytes) {
+            // PostgreSQL runs the statement to its end; the client gets DSQL's error in its place.
+            // (The transaction is not failed by it, unlike on DSQL: README, "guessed".)
+            this.fail()
+            this.cutOff = true
+            out.push(errorResponse({ severity: 'ERROR', ...RESULT_TOO_LARGE }))
+          } else out.push(message)
+          break
         case 'E':
+          this.resultBytes = 0
           out.push(this.error(message))
           break
         case 'N': {
@@ -126,16 +143,20 @@ export class DialectSession {
           break
         }
         case 'C': {
+          this.resultBytes = 0
           const tag = this.complete()?.statement?.tag
           out.push(tag ? commandComplete(tag) : message)
           break
         }
         case 'I':
         case 's':
+          this.resultBytes = 0
           this.complete()
           out.push(message)
           break
         case 'Z':
+          this.resultBytes = 0
+          this.cutOff = false
           this.ready(transactionStatus(message))
           out.push(message)
           break

@@ -12,7 +12,16 @@ import type { Refusal } from './statements'
 export interface TransactionLimits {
   /** DSQL: 300 s. */
   maxAgeMs: number
+  /**
+   * Bytes of rows one statement may answer (DSQL: 128 MiB of memory per query; a result this
+   * large is where a test meets it). Checked by the relay as the rows go through.
+   */
+  maxResultBytes: number
 }
+
+export const MAX_RESULT_BYTES = 128 * 1024 * 1024
+/** A guess between two texts: AWS's quota page gives 53200 "query requires too much temp space, out of memory."; a cluster observed in 2026 answered this. */
+export const RESULT_TOO_LARGE = { code: '54000', message: 'query requires more than allowed temp space of 131072 KB to execute' }
 
 export class TransactionRules {
   /** Inside BEGIN ... COMMIT/ROLLBACK (else: an implicit transaction, one query or one Sync's worth). */
