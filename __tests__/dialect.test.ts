@@ -270,6 +270,9 @@ describe('through the stand-in', () => {
     expect((await job()).results[0].rows).toEqual([['completed', 'INDEX_BUILD', 'dialect_jobs_v']])
     const index = await c.simple(`select indisvalid, indisready from pg_index where indexrelid = 'dialect_jobs_v'::regclass`)
     expect(index.results[0].rows).toEqual([['t', 't']])
+    // Nothing to build: the job is done at once.
+    const again = (await c.simple('create index async if not exists dialect_jobs_v on dialect_jobs (v)')).results[0].rows[0][0] as string
+    expect((await c.simple(`select status from sys.jobs where job_id = '${again}'`)).results[0].rows).toEqual([['completed']])
     // Waiting needs a CALL of its own: inside a transaction block PostgreSQL refuses the wait's COMMIT.
     const other = (await c.simple('create index async dialect_jobs_id_v on dialect_jobs (id, v)')).results[0].rows[0][0] as string
     expect((await c.simple(`begin; call sys.wait_for_job('${other}')`)).error?.code).toBe('2D000')

@@ -89,7 +89,8 @@ CREATE FUNCTION dsql_local.record_job(job_type text, object_id oid, failure text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
 DECLARE
   id text := dsql_local.job_id();
-  async boolean := job_type = 'INDEX_BUILD';
+  -- Nothing to build (CREATE INDEX ASYNC IF NOT EXISTS of an existing index): done at once.
+  async boolean := job_type = 'INDEX_BUILD' AND (object_id IS NOT NULL OR failure IS NOT NULL);
 BEGIN
   INSERT INTO sys.jobs VALUES (id, CASE WHEN async THEN 'submitted' ELSE 'completed' END, NULL, job_type,
     CASE WHEN object_id IS NULL THEN NULL ELSE 'pg_class'::regclass::oid END,
