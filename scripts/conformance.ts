@@ -38,7 +38,7 @@ const ACCEPTED: Record<string, string> = {
  */
 const GUESSES: Record<string, string> = {
   session_settings:
-    `SET/SET LOCAL/RESET of a parameter outside the allowlist (search_path, application_name, TimeZone, client_encoding, DateStyle, IntervalStyle, extra_float_digits, client_min_messages) gets 0A000 'setting configuration parameter "x" not supported': recorded for default_transaction_isolation, reported by users for statement_timeout; the allowlist itself is from AWS docs and what drivers send.`,
+    `SET/SET LOCAL/RESET of a parameter outside the allowlist (search_path, application_name, TimeZone, client_encoding, DateStyle, IntervalStyle, extra_float_digits, client_min_messages) gets 0A000 'setting configuration parameter "x" not supported': recorded for default_transaction_isolation, reported by users for statement_timeout; the allowlist itself is the issue's list, the recorded SHOW answers (TimeZone, client_encoding) and what drivers send at startup.`,
   set_config: 'set_config() of such a parameter is refused with the same error: not recorded.',
   startup_settings: 'A startup parameter or options=-c of such a parameter is refused as a FATAL with the same words: not recorded.',
   advisory_locks: 'pg_advisory_* and pg_try_advisory_* answer 0A000 "function pg_advisory_lock not supported": the words are from a user report, the SQLSTATE is a guess.',

@@ -17,13 +17,14 @@ interface Pending {
   job_id: string
   status: string
   index_name: string | null
+  table_name: string | null
   failure: string | null
   age_ms: number
 }
 
 /** How often unfinished jobs are looked at while there are any. */
 const TICK_MS = 20
-/** The runner's wait for the table's lock: short, and retried, so it never queues long in front of users. */
+/** The runner's wait for the index's own lock (held by queries being planned): short, and retried. */
 const LOCK_TIMEOUT = '50ms'
 
 export class Control {
@@ -95,9 +96,10 @@ export class Control {
   /** One look at the unfinished jobs; true while some remain. */
   private async tick(): Promise<boolean> {
     const jobs = await this.sql<Pending[]>`
-      SELECT j.job_id, j.status, w.failure, (SELECT indexrelid::regclass::text FROM pg_index WHERE indexrelid = w.index_oid) AS index_name,
+      SELECT j.job_id, j.status, w.failure, i.indexrelid::regclass::text AS index_name, i.indrelid::regclass::text AS table_name,
         (extract(epoch FROM clock_timestamp() - j.start_time) * 1000)::float8 AS age_ms
-      FROM sys.jobs j JOIN dsql_local.job_work w USING (job_id) WHERE j.status IN ('submitted', 'processing')`
+      FROM sys.jobs j JOIN dsql_local.job_work w USING (job_id) LEFT JOIN pg_index i ON i.indexrelid = w.index_oid
+      WHERE j.status IN ('submitted', 'processing')`
     for (const job of jobs) {
       if (job.status === 'submitted') await this.setStatus(job.job_id, 'processing', null)
       if (this.held || job.age_ms < this.minMs) continue
@@ -108,10 +110,13 @@ export class Control {
 
   private async finish(job: Pending): Promise<void> {
     if (job.failure !== null) return this.setStatus(job.job_id, 'failed', job.failure)
-    if (job.index_name === null) return this.setStatus(job.job_id, 'failed', 'the index was dropped before it was built')
+    if (job.index_name === null || job.table_name === null) return this.setStatus(job.job_id, 'failed', 'the index was dropped before it was built')
     try {
       await this.sql.begin(async (tx) => {
         await tx.unsafe(`SET LOCAL lock_timeout = '${LOCK_TIMEOUT}'`)
+        // NOWAIT: a writer's open transaction makes the runner try again later, rather than queue
+        // in front of every other writer of the table (who would then fail their lock_timeout).
+        await tx.unsafe(`LOCK TABLE ${job.table_name} IN SHARE MODE NOWAIT`)
         await tx.unsafe(`REINDEX INDEX ${job.index_name}`)
         await tx`UPDATE sys.jobs SET status = 'completed', update_time = clock_timestamp() WHERE job_id = ${job.job_id}`
       })
