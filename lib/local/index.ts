@@ -179,7 +179,6 @@ export async function startLocalDsql(options: LocalDsqlOptions = {}): Promise<Lo
     certs = made.value
     if (dialect) {
       control = new Control(() => server.value.connect(), SUPERUSER, jobMinMs, logger)
-      await control.start()
     }
     gateway = new Gateway({
       host,
@@ -199,7 +198,8 @@ export async function startLocalDsql(options: LocalDsqlOptions = {}): Promise<Lo
       dialect,
       iamArn,
     })
-    await gateway.start()
+    // The job runner's connection opens while the gateway starts listening.
+    await Promise.all([gateway.start(), control?.start()])
   } catch (err) {
     await control?.stop().catch(() => undefined)
     await postgres?.stop().catch(() => undefined)
