@@ -3,6 +3,7 @@
  * DSQL's dialect on: what a generic migrator fails on applies, a failure resumes, edits of applied
  * statements are refused, concurrent runners apply once, and the lint agrees with the stand-in.
  */
+import { execFile } from 'node:child_process'
 import { cpSync, mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -280,6 +281,19 @@ describe('checking against DSQL\'s rules', () => {
   })
 })
 
+describe('without libpg-query', () => {
+  test('migrate applies (saying it skipped the lint) and --check says how to install it', async () => {
+    const dir = migrations({ 'noparser_1.sql': 'CREATE TABLE noparser_t (n int);\nINSERT INTO noparser_t VALUES (1);\n' })
+    const applied = await child(['migrate', dir])
+    expect(applied).toEqual({ code: 0, out: "libpg-query is not installed: applying without checking against DSQL's rules first.\nnoparser_1.sql: applied 2 statements\n", err: '' })
+    expect(await sql`select n from noparser_t`).toEqual([{ n: 1 }])
+    const checked = await child(['migrate', dir, '--check'])
+    expect(checked.code).toBe(1)
+    expect(checked.err).toContain('needs the libpg-query package')
+    expect(checked.err).toContain('npm i -D libpg-query@16')
+  }, 60_000)
+})
+
 describe('the command', () => {
   test('exit 0 when applied or nothing is pending, 1 naming file and line when a statement fails, 2 for bad usage; --dry-run applies nothing', async () => {
     const dir = migrations({ 'cli_1.sql': 'CREATE TABLE cli_t (n int);\nINSERT INTO cli_t VALUES (1);\n' })
@@ -305,6 +319,29 @@ describe('the command', () => {
     expect(await cli(['--help'])).toMatchObject({ code: 0, out: expect.stringMatching(/^Usage: postgres-dsql migrate \[dir\]/) })
   })
 })
+
+/** Runs the command in a node process where `libpg-query` cannot be found, as when it is not installed. */
+function child(args: string[]): Promise<{ code: number; out: string; err: string }> {
+  const hide = join(mkdtempSync(join(tmpdir(), 'no-libpg-query-')), 'hide.js')
+  writeFileSync(
+    hide,
+    `const Module = require('node:module')
+const resolve = Module._resolveFilename
+Module._resolveFilename = function (request, ...rest) {
+  if (request === 'libpg-query') throw Object.assign(new Error("Cannot find module 'libpg-query'"), { code: 'MODULE_NOT_FOUND' })
+  return resolve.call(this, request, ...rest)
+}
+`,
+  )
+  const env: NodeJS.ProcessEnv = { ...process.env, ...local.env }
+  delete env.AWS_PROFILE
+  const root = join(__dirname, '..')
+  return new Promise((done) => {
+    execFile(process.execPath, ['-r', hide, '-r', 'ts-node/register/transpile-only', join(root, 'lib', 'cli.ts'), ...args], { env, cwd: root, timeout: 50_000 }, (error, out, err) =>
+      done({ code: error ? Number(error.code ?? 1) : 0, out, err }),
+    )
+  })
+}
 
 /** Runs the command in this process with stdout and stderr captured and `env` over the environment. */
 async function cli(args: string[], env: Record<string, string | undefined> = {}): Promise<{ code: number; out: string; err: string }> {
