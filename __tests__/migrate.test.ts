@@ -208,6 +208,22 @@ describe('applying', () => {
     expect(recorded).toHaveLength(1 + 22 + 12 + 1)
   })
 
+  test('two runners on a cluster without a ledger both create it and succeed', async () => {
+    const dir = migrations({ 'fresh_1.sql': 'CREATE TABLE fresh_t (n int);\nINSERT INTO fresh_t VALUES (1);\n' })
+    const other = dsql({ ...connection(), onnotice: () => undefined })
+    try {
+      const results = await Promise.all([migrate(sql, { dir, ledgerSchema: 'fresh_ledger' }), migrate(other, { dir, ledgerSchema: 'fresh_ledger' })])
+      expect(results.flatMap((r) => r.applied)).toEqual(['fresh_1.sql'])
+    } finally {
+      await other.end()
+    }
+    expect(await sql`select n from fresh_t`).toEqual([{ n: 1 }])
+    expect(await sql`select statement, state from fresh_ledger.ledger order by statement`).toEqual([
+      { statement: 1, state: 'applied' },
+      { statement: 2, state: 'applied' },
+    ])
+  })
+
   test("a runner waits for another runner's claim, and a claim whose runner stopped is reported with how to settle it", async () => {
     const dir = migrations({ 'claim_1.sql': 'CREATE TABLE claim_t (n int);\nINSERT INTO claim_t VALUES (1);\nINSERT INTO claim_t VALUES (2);\n' })
     await migrate(sql, { dir: migrations({ 'claim_0.sql': 'SELECT 1;\n' }) }) // creates the ledger

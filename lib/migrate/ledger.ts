@@ -119,12 +119,16 @@ export class Ledger {
 }
 
 async function createOnce(exists: () => Promise<boolean>, create: () => Promise<unknown>): Promise<void> {
-  if (await exists()) return
-  try {
-    await create()
-  } catch (err) {
-    // Another runner created it first (duplicate object, unique violation or a conflict).
-    if (!(await exists())) throw err
+  for (let attempt = 1; ; attempt++) {
+    if (await exists()) return
+    try {
+      await create()
+      return
+    } catch (err) {
+      // Another runner is creating it (duplicate object, unique violation or a conflict): look again once it has committed.
+      if (attempt >= 8) throw err
+      await new Promise((resolve) => setTimeout(resolve, 25 * 2 ** attempt))
+    }
   }
 }
 
