@@ -166,7 +166,7 @@ async function lintIfInstalled(pending: { file: MigrationFile; units: Unit[] }[]
   }
 }
 
-export function lintError(findings: Finding[], outcome: string): MigrationError {
+function lintError(findings: Finding[], outcome: string): MigrationError {
   const first = findings[0]
   return new MigrationError(
     'MIGRATE_LINT',
