@@ -7,7 +7,7 @@ import { execFile } from 'node:child_process'
 import { cpSync, mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { dsql, type DsqlSql } from '../lib'
+import { dsql, DsqlConfigError, type DsqlSql } from '../lib'
 import { startLocalDsql, type LocalDsql } from '../lib/local'
 import { check, migrate, plan, MigrationError } from '../lib/migrate'
 import { readMigrations, splitSql } from '../lib/migrate/files'
@@ -308,6 +308,17 @@ describe('without libpg-query', () => {
     expect(checked.err).toContain('needs the libpg-query package')
     expect(checked.err).toContain('npm i -D libpg-query@16')
   }, 60_000)
+})
+
+describe('options', () => {
+  test('bad options are config errors that say what to pass, before anything connects', async () => {
+    await expect(migrate(sql, { ledgerSchema: 'a"b' })).rejects.toThrow(new DsqlConfigError('ledgerSchema must be a plain schema name such as "postgres_dsql_migrate", not "a\\"b".'))
+    await expect(migrate(sql, { jobTimeoutSecs: -1 })).rejects.toThrow(DsqlConfigError)
+    await expect(plan(sql, { dir: '' })).rejects.toThrow(/dir must be the path of a directory/)
+    await expect(migrate(sql, { dir: join(tmpdir(), 'no-such-dir-for-migrate') })).rejects.toMatchObject({ code: 'MIGRATE_FILES', message: expect.stringContaining('No migrations directory at') })
+    const unclosed = migrations({ 'unclosed_1.sql': 'SELECT 1;\nBEGIN;\nINSERT INTO x VALUES (1);\n' })
+    await expect(plan(sql, { dir: unclosed })).rejects.toMatchObject({ code: 'MIGRATE_FILES', message: 'unclosed_1.sql:2: BEGIN without COMMIT: end the block with COMMIT.' })
+  })
 })
 
 describe('the command', () => {

@@ -10,6 +10,7 @@
  */
 import { randomUUID } from 'node:crypto'
 import type postgres from 'postgres'
+import { DsqlConfigError } from '../errors'
 import { runUnit } from './apply'
 import { MigrationError, type Finding } from './errors'
 import { readMigrations, summary, type MigrationFile, type Unit } from './files'
@@ -75,6 +76,7 @@ export async function migrate(sql: MigrateSql, options: MigrateOptions = {}): Pr
       }
     }
     if (!pending.length) settings.log(`Nothing to apply: ${files.length} file${files.length === 1 ? ' is' : 's are'} up to date.`)
+    else if (!applied.length) settings.log('Nothing left to apply: another runner applied the pending statements.')
     return { applied }
   } finally {
     conn.release()
@@ -104,9 +106,11 @@ export async function check(sql: MigrateSql | null, options: MigrateOptions = {}
 function resolve(options: MigrateOptions) {
   const ledgerSchema = options.ledgerSchema ?? DEFAULT_LEDGER_SCHEMA
   if (typeof ledgerSchema !== 'string' || !/^[A-Za-z_][A-Za-z0-9_$]{0,62}$/.test(ledgerSchema))
-    throw new MigrationError('MIGRATE_FILES', `ledgerSchema must be a plain schema name such as "${DEFAULT_LEDGER_SCHEMA}", not ${JSON.stringify(ledgerSchema)}.`)
+    throw new DsqlConfigError(`ledgerSchema must be a plain schema name such as "${DEFAULT_LEDGER_SCHEMA}", not ${JSON.stringify(ledgerSchema)}.`)
+  const dir = options.dir ?? 'migrations'
+  if (typeof dir !== 'string' || !dir) throw new DsqlConfigError(`dir must be the path of a directory of *.sql files, not ${JSON.stringify(dir)}.`)
   return {
-    dir: options.dir ?? 'migrations',
+    dir,
     ledgerSchema,
     lint: options.lint ?? true,
     jobs: { timeoutMs: seconds('jobTimeoutSecs', options.jobTimeoutSecs, 3600) * 1000, pollMs: 100 },
@@ -118,7 +122,7 @@ type Settings = ReturnType<typeof resolve>
 
 function seconds(name: string, value: number | undefined, fallback: number): number {
   if (value === undefined) return fallback
-  if (typeof value !== 'number' || !Number.isFinite(value) || value <= 0) throw new MigrationError('MIGRATE_FILES', `${name} must be a positive number of seconds, not ${JSON.stringify(value)}.`)
+  if (typeof value !== 'number' || !Number.isFinite(value) || value <= 0) throw new DsqlConfigError(`${name} must be a positive number of seconds, not ${JSON.stringify(value)}.`)
   return value
 }
 
