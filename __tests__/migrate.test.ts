@@ -182,8 +182,9 @@ describe('applying', () => {
     const other = dsql({ ...connection(), onnotice: () => undefined })
     try {
       const logs: string[][] = [[], []]
-      const runs = [migrate(sql, { dir, log: (l) => logs[0].push(l) }), migrate(other, { dir, log: (l) => logs[1].push(l) })]
-      for (let i = 0; i < 400 && !(logs[0].length && logs[1].length); i++) await new Promise((r) => setTimeout(r, 50))
+      // A generous lease: the hand-made claim is never refreshed, however slow this machine is.
+      const runs = [migrate(sql, { dir, leaseSecs: 600, log: (l) => logs[0].push(l) }), migrate(other, { dir, leaseSecs: 600, log: (l) => logs[1].push(l) })]
+      for (let i = 0; i < 1200 && !(logs[0].length && logs[1].length); i++) await new Promise((r) => setTimeout(r, 50))
       const waited = logs.map((l) => l[0])
       // The third runner finishes statement 1 (here by hand: the table, then its ledger row).
       await sql`create table race_t (n int)`
@@ -206,7 +207,7 @@ describe('applying', () => {
     const recorded = (await ledger('race_')).filter((r) => r.file !== 'race_9.sql')
     expect(recorded.every((r) => r.state === 'applied')).toBe(true)
     expect(recorded).toHaveLength(1 + 22 + 12 + 1)
-  })
+  }, 120_000)
 
   test('two runners on a cluster without a ledger both create it and succeed', async () => {
     const dir = migrations({ 'fresh_1.sql': 'CREATE TABLE fresh_t (n int);\nINSERT INTO fresh_t VALUES (1);\n' })
@@ -232,8 +233,8 @@ describe('applying', () => {
     await sql`insert into postgres_dsql_migrate.ledger (file, statement, line, checksum, state, runner, heartbeat)
               values ('claim_1.sql', 1, 1, ${checksum}, 'running', 'other-runner', now())`
     const lines: string[] = []
-    const running = migrate(sql, { dir, log: (line) => lines.push(line) })
-    for (let i = 0; i < 200 && !lines.length; i++) await new Promise((r) => setTimeout(r, 50))
+    const running = migrate(sql, { dir, leaseSecs: 600, log: (line) => lines.push(line) })
+    for (let i = 0; i < 1200 && !lines.length; i++) await new Promise((r) => setTimeout(r, 50))
     expect(lines).toEqual(['claim_1.sql: statement 1 is being applied by another runner; waiting for it.'])
     // The other runner finishes it (here by hand: the table, then its ledger row).
     await sql`create table claim_t (n int)`
@@ -253,7 +254,7 @@ describe('applying', () => {
     await sql.unsafe(settle as string)
     await expect(migrate(sql, { dir })).resolves.toEqual({ applied: ['claim_2.sql'] })
     expect(await sql`select n from claim_t order by n`).toEqual([{ n: 1 }, { n: 2 }, { n: 3 }])
-  })
+  }, 120_000)
 })
 
 describe('checking against DSQL\'s rules', () => {
@@ -307,7 +308,7 @@ describe('without libpg-query', () => {
     expect(checked.code).toBe(1)
     expect(checked.err).toContain('needs the libpg-query package')
     expect(checked.err).toContain('npm i -D libpg-query@16')
-  }, 60_000)
+  }, 300_000)
 })
 
 describe('options', () => {
@@ -364,7 +365,7 @@ Module._resolveFilename = function (request, ...rest) {
   delete env.AWS_PROFILE
   const root = join(__dirname, '..')
   return new Promise((done) => {
-    execFile(process.execPath, ['-r', hide, '-r', 'ts-node/register/transpile-only', join(root, 'lib', 'cli.ts'), ...args], { env, cwd: root, timeout: 50_000 }, (error, out, err) =>
+    execFile(process.execPath, ['-r', hide, '-r', 'ts-node/register/transpile-only', join(root, 'lib', 'cli.ts'), ...args], { env, cwd: root, timeout: 120_000 }, (error, out, err) =>
       done({ code: error ? Number(error.code ?? 1) : 0, out, err }),
     )
   })
