@@ -136,6 +136,28 @@ describe('applying', () => {
     expect(await sql`select n from block_t order by n`).toEqual([{ n: 1 }, { n: 2 }])
   })
 
+  test('a statement that conflicts with another transaction (OCC) is run again', async () => {
+    await sql`create table occ_t (id int primary key, n int)`
+    await sql`insert into occ_t values (1, 0)`
+    const dir = migrations({ 'occ_1.sql': 'UPDATE occ_t SET n = n + 1 WHERE id = 1;\n' })
+    // Another transaction holds the row: the stand-in answers DSQL's conflict (40001) instead of waiting.
+    const holder = await sql.reserve()
+    const lines: string[] = []
+    let running: Promise<unknown> | undefined
+    try {
+      await holder`begin`
+      await holder`update occ_t set n = 10 where id = 1`
+      running = migrate(sql, { dir, log: (line) => lines.push(line) })
+      for (let i = 0; i < 1200 && !lines.length; i++) await new Promise((r) => setTimeout(r, 50))
+    } finally {
+      await holder`commit`
+      holder.release()
+    }
+    await expect(running).resolves.toEqual({ applied: ['occ_1.sql'] })
+    expect(lines[0]).toMatch(/^occ_1\.sql: statement 1 conflicted with another transaction \(.*\(OC00[01]\)\); trying again\.$/)
+    expect(await sql`select n from occ_t`).toEqual([{ n: 11 }])
+  }, 120_000)
+
   test('an index build that fails is reported for its file and statement, and what needs the index does not run', async () => {
     const dir = migrations({
       'badindex_1.sql': "CREATE TABLE badindex_t (email text);\nINSERT INTO badindex_t VALUES ('a'), ('a');\nCREATE UNIQUE INDEX ASYNC badindex_key ON badindex_t (email);\nALTER TABLE badindex_t ADD CONSTRAINT badindex_key UNIQUE USING INDEX badindex_key;\n",

@@ -11,6 +11,7 @@
 import { randomUUID } from 'node:crypto'
 import type postgres from 'postgres'
 import { DsqlConfigError } from '../errors'
+import { isOccError } from '../retry'
 import { runUnit } from './apply'
 import { MigrationError, type Finding } from './errors'
 import { readMigrations, summary, type MigrationFile, type Unit } from './files'
@@ -210,7 +211,7 @@ async function applyUnit(conn: postgres.Sql, ledger: Ledger, file: string, unit:
   }
   const stop = keepClaimed(ledger, file, unit.number, settings.leaseSecs)
   try {
-    await runUnit(conn, unit, file, settings.jobs)
+    await runWithOccRetry(conn, unit, file, settings)
   } catch (err) {
     await stop()
     if (err instanceof MigrationError && err.code === 'MIGRATE_JOB_TIMEOUT')
@@ -223,6 +224,23 @@ async function applyUnit(conn: postgres.Sql, ledger: Ledger, file: string, unit:
   await ledger.markApplied(file, unit.number)
   return true
 }
+
+/**
+ * A statement that conflicted with another transaction (OCC, 40001: e.g. OC001 when application
+ * traffic touches a table during its DDL) did not take effect: run it again, as AWS advises.
+ */
+async function runWithOccRetry(conn: postgres.Sql, unit: Unit, file: string, settings: Settings): Promise<void> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await runUnit(conn, unit, file, settings.jobs)
+    } catch (err) {
+      if (attempt >= OCC_ATTEMPTS || err instanceof MigrationError || !isOccError(err)) throw err
+      settings.log(`${file}: statement ${unit.number} conflicted with another transaction (${(err as Error).message}); trying again.`)
+      await new Promise((resolve) => setTimeout(resolve, Math.min(100 * 2 ** (attempt - 1), 2_000)))
+    }
+  }
+}
+const OCC_ATTEMPTS = 10
 
 /** Refreshes the claim's heartbeat from another connection while the statement runs. */
 function keepClaimed(ledger: Ledger, file: string, statement: number, leaseSecs: number): () => Promise<void> {
