@@ -18,7 +18,7 @@ const tsBlocks = blocks.filter((b) => b.lang === 'ts')
 
 /** Imports stay on top; the rest runs in an async main; `console.log(x) // v` becomes a check. */
 function script(code: string): string {
-  const lines = code.replace(/'postgres-dsql\/local'/g, `'${join(root, 'lib', 'local')}'`).replace(/'postgres-dsql'/g, `'${join(root, 'lib')}'`).split('\n')
+  const lines = code.replace(/'postgres-dsql\/(\w+)'/g, (_, sub: string) => `'${join(root, 'lib', sub)}'`).replace(/'postgres-dsql'/g, `'${join(root, 'lib')}'`).split('\n')
   const imports = lines.filter((l) => l.startsWith('import '))
   const body = lines.filter((l) => !l.startsWith('import ')).map((line) => {
     const m = /^(\s*)console\.log\((.*)\) \/\/ (.*)$/.exec(line)

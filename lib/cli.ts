@@ -47,6 +47,7 @@ export async function main(argv: string[]): Promise<number> {
   if (command === 'token') return token(rest)
   if (command === 'psql') return psql(rest)
   if (command === 'local') return local(rest)
+  if (command === 'migrate') return (await import('./migrate/cli')).runMigrateCli(rest)
   return print(`Unknown command "${command}".\n\n${USAGE.main}`, 2)
 }
 

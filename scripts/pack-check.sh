@@ -53,4 +53,18 @@ TS
 done
 npx --no-install tsc --noEmit --strict --module node16 --moduleResolution node16 --skipLibCheck false types.mts types.cts
 npx --no-install postgres-dsql --help >/dev/null
+
+# Migrations from the installed package, which has no libpg-query: applying needs none.
+cp -r "$repo/samples/migrations" migrations
+npx --no-install postgres-dsql migrate | grep -q '003_welcome_invoices.sql: applied 2 statements'
+cat > migrate.mjs <<'JS'
+import dsql from 'postgres-dsql'
+import { migrate } from 'postgres-dsql/migrate'
+const sql = dsql({ host: process.env.CLUSTER_ENDPOINT, onnotice: () => {} })
+const { applied } = await migrate(sql)
+await sql.end()
+if (applied.length !== 0) throw new Error('applied again: ' + applied)
+console.log('migrate: ok')
+JS
+node migrate.mjs
 echo "pack-check: ok ($tarball)"

@@ -1,0 +1,418 @@
+/**
+ * `postgres-dsql/migrate` and `npx postgres-dsql migrate` against a stand-in of its own with
+ * DSQL's dialect on: what a generic migrator fails on applies, a failure resumes, edits of applied
+ * statements are refused, concurrent runners apply once, and the lint agrees with the stand-in.
+ */
+import { execFile } from 'node:child_process'
+import { cpSync, mkdtempSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { dsql, DsqlConfigError, type DsqlSql } from '../lib'
+import { startLocalDsql, type LocalDsql } from '../lib/local'
+import { check, migrate, plan, MigrationError } from '../lib/migrate'
+import { readMigrations, splitSql } from '../lib/migrate/files'
+import { DEFAULT_LEDGER_SCHEMA, Ledger } from '../lib/migrate/ledger'
+
+let local: LocalDsql
+let sql: DsqlSql
+const connection = () => ({ host: local.host, hostaddr: local.hostaddr, port: local.port, sslrootcert: local.caFile, credentials: local.credentials })
+
+beforeAll(async () => {
+  local = await startLocalDsql()
+  sql = dsql({ ...connection(), onnotice: () => undefined })
+}, 60_000)
+afterAll(async () => {
+  await sql?.end()
+  await local?.stop()
+})
+
+/** A directory holding these files. The ledger is keyed by file name: each test uses its own names. */
+function migrations(files: Record<string, string>, dir = mkdtempSync(join(tmpdir(), 'migrations-'))): string {
+  for (const [name, text] of Object.entries(files)) writeFileSync(join(dir, name), text)
+  return dir
+}
+
+const ledger = (prefix: string) =>
+  sql<{ file: string; statement: number; state: string }[]>`
+    select file, statement, state from postgres_dsql_migrate.ledger where file like ${prefix + '%'} order by file, statement`
+
+async function rejection(promise: Promise<unknown>): Promise<MigrationError> {
+  const err = await promise.then(
+    () => undefined,
+    (e: unknown) => e,
+  )
+  expect(err).toBeInstanceOf(MigrationError)
+  return err as MigrationError
+}
+
+describe('splitting', () => {
+  test('a real lexer: strings, dollar quotes, comments and BEGIN ATOMIC bodies never split a statement', () => {
+    const text = [
+      "-- a comment; with a semicolon",
+      "INSERT INTO t VALUES ('a;b', E'it\\'s; fine', $$x;y$$, $tag$ $$ ; $tag$);",
+      '/* nested /* comment; */ still; */ SELECT ";" FROM "semi;colon";',
+      'CREATE FUNCTION f(x int) RETURNS int LANGUAGE sql',
+      'BEGIN ATOMIC',
+      '  SELECT CASE WHEN x > 0 THEN 1 ELSE 2 END;',
+      '  SELECT 3;',
+      'END;',
+      'SELECT 4',
+    ].join('\n')
+    const statements = splitSql(text)
+    expect(statements.map((s) => [s.line, s.text.split('\n')[0]])).toEqual([
+      [2, "INSERT INTO t VALUES ('a;b', E'it\\'s; fine', $$x;y$$, $tag$ $$ ; $tag$)"],
+      [3, 'SELECT ";" FROM "semi;colon"'],
+      [4, 'CREATE FUNCTION f(x int) RETURNS int LANGUAGE sql'],
+      [9, 'SELECT 4'],
+    ])
+    expect(statements[2].text.endsWith('SELECT 3;\nEND')).toBe(true)
+  })
+})
+
+describe('applying', () => {
+  test('files a generic migrator fails on all apply: several DDL in a file, DML after DDL, an ASYNC index and a statement that needs it', async () => {
+    // What a generic migrator does, one transaction per file, is what DSQL refuses.
+    await expect(sql.begin((tx) => [tx.unsafe('CREATE TABLE generic_a (id int)'), tx.unsafe('CREATE TABLE generic_b (id int)')])).rejects.toMatchObject({
+      code: '0A000',
+      message: 'multiple ddl statements not supported in a transaction',
+    })
+
+    const dir = mkdtempSync(join(tmpdir(), 'samples-'))
+    cpSync(join(__dirname, '..', 'samples', 'migrations'), dir, { recursive: true })
+    const pending = await plan(sql, { dir })
+    expect(pending.map((p) => `${p.file}:${p.line}`)).toEqual([
+      '001_accounts.sql:3', '001_accounts.sql:10', '001_accounts.sql:16', '002_unique_email.sql:3', '002_unique_email.sql:5', '003_welcome_invoices.sql:2', '003_welcome_invoices.sql:8',
+    ])
+    const lines: string[] = []
+    await expect(migrate(sql, { dir, log: (line) => lines.push(line) })).resolves.toEqual({ applied: ['001_accounts.sql', '002_unique_email.sql', '003_welcome_invoices.sql'] })
+    expect(lines).toEqual(['001_accounts.sql: applied 3 statements', '002_unique_email.sql: applied 2 statements', '003_welcome_invoices.sql: applied 2 statements'])
+
+    expect(await sql`select email, plan from accounts order by email`).toEqual([
+      { email: 'ada@example.com', plan: 'pro' },
+      { email: 'alan@example.com', plan: 'pro' },
+    ])
+    const [constraint] = await sql`select contype from pg_constraint where conname = 'accounts_email_key'`
+    expect(constraint).toEqual({ contype: 'u' })
+    expect(await sql`select count(*)::int as n from invoices`).toEqual([{ n: 1 }])
+    expect(await sql`select obj_description('invoices'::regclass) as comment`).toEqual([{ comment: 'One row per invoice; amounts in cents.' }])
+
+    // Run again: nothing pending, nothing applied twice.
+    lines.length = 0
+    await expect(migrate(sql, { dir, log: (line) => lines.push(line) })).resolves.toEqual({ applied: [] })
+    expect(lines).toEqual(['Nothing to apply: 3 files are up to date.'])
+    expect(await plan(sql, { dir })).toEqual([])
+    expect(await sql`select count(*)::int as n from accounts`).toEqual([{ n: 2 }])
+  })
+
+  test('a failing statement stops the run, names file, statement and line, and the next run resumes at it', async () => {
+    const dir = migrations({
+      'resume_1.sql': 'CREATE TABLE resume_t (n int);\n\nINSERT INTO resume_t VALUES (1);\n\n-- fails: no such table yet\nINSERT INTO resume_missing VALUES (2);\nINSERT INTO resume_t VALUES (3);\n',
+      'resume_2.sql': 'INSERT INTO resume_t VALUES (4);\n',
+    })
+    const err = await rejection(migrate(sql, { dir }))
+    expect(err).toMatchObject({ code: 'MIGRATE_FAILED', file: 'resume_1.sql', statement: 3, line: 6 })
+    expect(err.message).toMatch(/^resume_1\.sql:6: statement 3 failed: relation "resume_missing" does not exist \(SQLSTATE 42P01\)/)
+    expect(err.cause).toMatchObject({ code: '42P01' })
+    expect(await sql`select n from resume_t order by n`).toEqual([{ n: 1 }])
+    expect(await ledger('resume_')).toEqual([
+      { file: 'resume_1.sql', statement: 1, state: 'applied' },
+      { file: 'resume_1.sql', statement: 2, state: 'applied' },
+    ])
+
+    // Editing the part not yet applied is allowed; the applied part does not run again.
+    migrations({ 'resume_1.sql': 'CREATE TABLE resume_t (n int);\n\nINSERT INTO resume_t VALUES (1);\n\n-- fixed\nINSERT INTO resume_t VALUES (2);\nINSERT INTO resume_t VALUES (3);\n' }, dir)
+    await expect(migrate(sql, { dir })).resolves.toEqual({ applied: ['resume_1.sql', 'resume_2.sql'] })
+    expect(await sql`select n from resume_t order by n`).toEqual([{ n: 1 }, { n: 2 }, { n: 3 }, { n: 4 }])
+  })
+
+  test('a failing BEGIN ... COMMIT block is rolled back whole and retried whole', async () => {
+    const dir = migrations({ 'block_1.sql': 'CREATE TABLE block_t (n int);\nBEGIN;\nINSERT INTO block_t VALUES (1);\nINSERT INTO block_t VALUES (1 / 0);\nCOMMIT;\n' })
+    const err = await rejection(migrate(sql, { dir }))
+    expect(err).toMatchObject({ code: 'MIGRATE_FAILED', file: 'block_1.sql', statement: 2, line: 2 })
+    expect(err.message).toContain('the BEGIN ... COMMIT block at line 2 (rolled back) failed: division by zero')
+    expect(await sql`select n from block_t`).toEqual([])
+    migrations({ 'block_1.sql': 'CREATE TABLE block_t (n int);\nBEGIN;\nINSERT INTO block_t VALUES (1);\nINSERT INTO block_t VALUES (2 / 1);\nCOMMIT;\n' }, dir)
+    await expect(migrate(sql, { dir })).resolves.toEqual({ applied: ['block_1.sql'] })
+    expect(await sql`select n from block_t order by n`).toEqual([{ n: 1 }, { n: 2 }])
+  })
+
+  test('a statement that conflicts with another transaction (OCC) is run again', async () => {
+    await sql`create table occ_t (id int primary key, n int)`
+    await sql`insert into occ_t values (1, 0)`
+    const dir = migrations({ 'occ_1.sql': 'UPDATE occ_t SET n = n + 1 WHERE id = 1;\n' })
+    // Another transaction holds the row: the stand-in answers DSQL's conflict (40001) instead of waiting.
+    const holder = await sql.reserve()
+    const lines: string[] = []
+    let running: Promise<unknown> | undefined
+    try {
+      await holder`begin`
+      await holder`update occ_t set n = 10 where id = 1`
+      running = migrate(sql, { dir, log: (line) => lines.push(line) })
+      for (let i = 0; i < 1200 && !lines.length; i++) await new Promise((r) => setTimeout(r, 50))
+    } finally {
+      await holder`commit`
+      holder.release()
+    }
+    await expect(running).resolves.toEqual({ applied: ['occ_1.sql'] })
+    expect(lines[0]).toMatch(/^occ_1\.sql: statement 1 conflicted with another transaction \(.*\(OC00[01]\)\); trying again\.$/)
+    expect(await sql`select n from occ_t`).toEqual([{ n: 11 }])
+  }, 120_000)
+
+  test('an index build that fails is reported for its file and statement, and what needs the index does not run', async () => {
+    const dir = migrations({
+      'badindex_1.sql': "CREATE TABLE badindex_t (email text);\nINSERT INTO badindex_t VALUES ('a'), ('a');\nCREATE UNIQUE INDEX ASYNC badindex_key ON badindex_t (email);\nALTER TABLE badindex_t ADD CONSTRAINT badindex_key UNIQUE USING INDEX badindex_key;\n",
+    })
+    const err = await rejection(migrate(sql, { dir }))
+    // The stand-in may fail the statement itself or its job (as DSQL does): either names the place.
+    expect(['MIGRATE_FAILED', 'MIGRATE_JOB']).toContain(err.code)
+    expect(err).toMatchObject({ file: 'badindex_1.sql', statement: 3, line: 3 })
+    expect(await ledger('badindex_')).toEqual([
+      { file: 'badindex_1.sql', statement: 1, state: 'applied' },
+      { file: 'badindex_1.sql', statement: 2, state: 'applied' },
+    ])
+    expect(await sql`select 1 from pg_constraint where conname = 'badindex_key'`).toEqual([])
+  })
+
+  test('an edited applied statement is refused, naming the file, and that run applies nothing, not even new files', async () => {
+    const dir = migrations({ 'edit_1.sql': 'CREATE TABLE edit_t (n int);\nINSERT INTO edit_t VALUES (1);\n' })
+    await migrate(sql, { dir })
+    // Comments and blank lines around statements are not part of them.
+    migrations({ 'edit_1.sql': '-- the first migration\n\nCREATE TABLE edit_t (n int);\n\nINSERT INTO edit_t VALUES (1);\n' }, dir)
+    await expect(migrate(sql, { dir })).resolves.toEqual({ applied: [] })
+
+    migrations({ 'edit_1.sql': 'CREATE TABLE edit_t (n int);\nINSERT INTO edit_t VALUES (100);\n', 'edit_2.sql': 'INSERT INTO edit_t VALUES (2);\n' }, dir)
+    const err = await rejection(migrate(sql, { dir }))
+    expect(err).toMatchObject({ code: 'MIGRATE_EDITED', file: 'edit_1.sql' })
+    expect(err.message).toMatch(/applied statements were edited in edit_1\.sql:2 \(statement 2 differs from what was applied\).*Nothing was applied/)
+    expect(await sql`select n from edit_t`).toEqual([{ n: 1 }])
+    expect(await ledger('edit_2')).toEqual([])
+    await expect(plan(sql, { dir })).rejects.toMatchObject({ code: 'MIGRATE_EDITED' })
+  })
+
+  test('two runners started at once apply every statement exactly once, and both succeed', async () => {
+    const inserts = (from: number) => Array.from({ length: 10 }, (_, i) => `INSERT INTO race_t VALUES (${from + i});`).join('\n')
+    const dir = migrations({
+      'race_1.sql': `CREATE TABLE race_t (n int);\n${inserts(0)}\nCREATE INDEX ASYNC race_by_n ON race_t (n);\n${inserts(10)}\n`,
+      'race_2.sql': `CREATE TABLE race_u (n int);\nINSERT INTO race_u SELECT n FROM race_t;\n${inserts(20)}\n`,
+      'race_3.sql': `BEGIN;\n${inserts(30)}\nCOMMIT;\n`,
+    })
+    // A third runner holds statement 1, so that both start racing from the same point once it is done.
+    await migrate(sql, { dir: migrations({ 'race_0.sql': 'SELECT 1;\n' }) })
+    await sql`insert into postgres_dsql_migrate.ledger (file, statement, line, checksum, state, runner, heartbeat)
+              values ('race_1.sql', 1, 1, ${readMigrations(dir)[0].units[0].checksum}, 'running', 'third-runner', now())`
+    // Two deploys: separate pools, separate sessions, the same files.
+    const other = dsql({ ...connection(), onnotice: () => undefined })
+    try {
+      const logs: string[][] = [[], []]
+      // A generous lease: the hand-made claim is never refreshed, however slow this machine is.
+      const runs = [migrate(sql, { dir, leaseSecs: 600, log: (l) => logs[0].push(l) }), migrate(other, { dir, leaseSecs: 600, log: (l) => logs[1].push(l) })]
+      for (let i = 0; i < 1200 && !(logs[0].length && logs[1].length); i++) await new Promise((r) => setTimeout(r, 50))
+      const waited = logs.map((l) => l[0])
+      // The third runner finishes statement 1 (here by hand: the table, then its ledger row).
+      await sql`create table race_t (n int)`
+      await sql`update postgres_dsql_migrate.ledger set state = 'applied' where file = 'race_1.sql' and statement = 1`
+      const results = await Promise.all(runs)
+      expect(waited).toEqual(Array(2).fill('race_1.sql: statement 1 is being applied by another runner; waiting for it.'))
+      expect(new Set(results.flatMap((r) => r.applied))).toEqual(new Set(['race_1.sql', 'race_2.sql', 'race_3.sql']))
+
+      // The claim itself: of two runners inserting the same statement's row, one wins.
+      const [a, b] = [new Ledger(sql, sql, DEFAULT_LEDGER_SCHEMA, 'runner-a'), new Ledger(other, other, DEFAULT_LEDGER_SCHEMA, 'runner-b')]
+      expect(await a.claim('race_9.sql', 1, 1, 'x')).toBe(true)
+      expect(await b.claim('race_9.sql', 1, 1, 'x')).toBe(false)
+    } finally {
+      await other.end()
+    }
+    // Each INSERT would add its row again if it ran twice.
+    const rows = await sql`select n, count(*)::int as copies from race_t group by n order by n`
+    expect(rows).toEqual(Array.from({ length: 40 }, (_, n) => ({ n, copies: 1 })))
+    expect(await sql`select count(*)::int as n from race_u`).toEqual([{ n: 20 }])
+    const recorded = (await ledger('race_')).filter((r) => r.file !== 'race_9.sql')
+    expect(recorded.every((r) => r.state === 'applied')).toBe(true)
+    expect(recorded).toHaveLength(1 + 22 + 12 + 1)
+  }, 120_000)
+
+  test('two runners on a cluster without a ledger both create it and succeed', async () => {
+    const dir = migrations({ 'fresh_1.sql': 'CREATE TABLE fresh_t (n int);\nINSERT INTO fresh_t VALUES (1);\n' })
+    const other = dsql({ ...connection(), onnotice: () => undefined })
+    try {
+      const results = await Promise.all([migrate(sql, { dir, ledgerSchema: 'fresh_ledger' }), migrate(other, { dir, ledgerSchema: 'fresh_ledger' })])
+      expect(results.flatMap((r) => r.applied)).toEqual(['fresh_1.sql'])
+    } finally {
+      await other.end()
+    }
+    expect(await sql`select n from fresh_t`).toEqual([{ n: 1 }])
+    expect(await sql`select statement, state from fresh_ledger.ledger order by statement`).toEqual([
+      { statement: 1, state: 'applied' },
+      { statement: 2, state: 'applied' },
+    ])
+  })
+
+  test("a runner waits for another runner's claim, and a claim whose runner stopped is reported with how to settle it", async () => {
+    const dir = migrations({ 'claim_1.sql': 'CREATE TABLE claim_t (n int);\nINSERT INTO claim_t VALUES (1);\nINSERT INTO claim_t VALUES (2);\n' })
+    await migrate(sql, { dir: migrations({ 'claim_0.sql': 'SELECT 1;\n' }) }) // creates the ledger
+    // Another runner is in the middle of statement 1 (its claim is fresh).
+    const checksum = readMigrations(dir)[0].units[0].checksum
+    await sql`insert into postgres_dsql_migrate.ledger (file, statement, line, checksum, state, runner, heartbeat)
+              values ('claim_1.sql', 1, 1, ${checksum}, 'running', 'other-runner', now())`
+    const lines: string[] = []
+    const running = migrate(sql, { dir, leaseSecs: 600, log: (line) => lines.push(line) })
+    for (let i = 0; i < 1200 && !lines.length; i++) await new Promise((r) => setTimeout(r, 50))
+    expect(lines).toEqual(['claim_1.sql: statement 1 is being applied by another runner; waiting for it.'])
+    // The other runner finishes it (here by hand: the table, then its ledger row).
+    await sql`create table claim_t (n int)`
+    await sql`update postgres_dsql_migrate.ledger set state = 'applied' where file = 'claim_1.sql' and statement = 1`
+    await expect(running).resolves.toEqual({ applied: ['claim_1.sql'] })
+    expect(await sql`select n from claim_t order by n`).toEqual([{ n: 1 }, { n: 2 }])
+
+    // A runner that died mid-statement: its claim's heartbeat is old, the outcome unknown.
+    migrations({ 'claim_2.sql': 'INSERT INTO claim_t VALUES (3);\n' }, dir)
+    const stale = readMigrations(dir)[1].units[0].checksum
+    await sql`insert into postgres_dsql_migrate.ledger (file, statement, line, checksum, state, runner, heartbeat)
+              values ('claim_2.sql', 1, 1, ${stale}, 'running', 'dead-runner', now() - interval '1 hour')`
+    const err = await rejection(migrate(sql, { dir }))
+    expect(err).toMatchObject({ code: 'MIGRATE_STALE_CLAIM', file: 'claim_2.sql', statement: 1 })
+    const settle = /run `(DELETE FROM [^`]+)` and migrate again/.exec(err.message)?.[1]
+    expect(settle).toBe(`DELETE FROM "postgres_dsql_migrate".ledger WHERE file = 'claim_2.sql' AND statement = 1`)
+    await sql.unsafe(settle as string)
+    await expect(migrate(sql, { dir })).resolves.toEqual({ applied: ['claim_2.sql'] })
+    expect(await sql`select n from claim_t order by n`).toEqual([{ n: 1 }, { n: 2 }, { n: 3 }])
+  }, 120_000)
+})
+
+describe('checking against DSQL\'s rules', () => {
+  const bad = {
+    'lint_1.sql': '-- orders\nCREATE TABLE lint_orders (\n  id serial PRIMARY KEY,\n  day date\n);\nCREATE INDEX lint_by_day ON lint_orders (day);\n',
+    'lint_2.sql': 'BEGIN;\nCREATE TABLE lint_a (n int);\nCREATE TABLE lint_b (n int);\nCOMMIT;\n\nTRUNCATE lint_orders;\n',
+  }
+
+  test('--check reports serial, CREATE INDEX, DDL in one block and TRUNCATE with file, line and the DSQL way, and applies nothing', async () => {
+    const dir = migrations(bad)
+    const { code, out, err } = await cli([dir, '--check', '--host', local.host, '--hostaddr', local.hostaddr, '--port', String(local.port), '--sslrootcert', local.caFile])
+    expect(code).toBe(1)
+    expect(out).toBe('')
+    const lines = err.trim().split('\n')
+    expect(lines.slice(0, 4)).toEqual([
+      expect.stringMatching(/^lint_1\.sql:3: \[serial\] statement 1: type "serial" does not exist \(42704\)\. DSQL way: use `bigint GENERATED BY DEFAULT AS IDENTITY \(CACHE 65536\)`/),
+      expect.stringMatching(/^lint_1\.sql:6: \[create-index\] statement 2: .*DSQL way: write CREATE INDEX ASYNC/),
+      expect.stringMatching(/^lint_2\.sql:3: \[one-ddl-per-transaction\] statement 1: multiple ddl statements not supported in a transaction/),
+      expect.stringMatching(/^lint_2\.sql:6: \[truncate\] statement 2: unsupported statement: Truncate \(0A000\)\. DSQL way: DELETE in batches of at most 3,000 rows/),
+    ])
+    expect(lines[4]).toBe('postgres-dsql migrate: 4 findings; nothing was applied.')
+    expect(await sql`select 1 from pg_tables where tablename like 'lint_%'`).toEqual([])
+    expect(await ledger('lint_')).toEqual([])
+
+    // The same rules refuse the run before it applies anything, and the stand-in agrees with each.
+    const refused = await rejection(migrate(sql, { dir }))
+    expect(refused).toMatchObject({ code: 'MIGRATE_LINT', file: 'lint_1.sql', line: 3 })
+    expect(refused.findings.map((f) => f.rule)).toEqual(['serial', 'create-index', 'one-ddl-per-transaction', 'truncate'])
+    expect(await sql`select 1 from pg_tables where tablename like 'lint_%'`).toEqual([])
+    await expect(sql.unsafe('CREATE TABLE lint_orders (id serial PRIMARY KEY)')).rejects.toMatchObject({ code: '42704', message: 'type "serial" does not exist' })
+    await expect(sql.unsafe('TRUNCATE pg_class')).rejects.toMatchObject({ code: '0A000', message: 'unsupported statement: Truncate' })
+  })
+
+  test('--check without an endpoint checks every file offline; a clean directory passes', async () => {
+    const { code, err } = await cli([migrations(bad), '--check'], { CLUSTER_ENDPOINT: undefined, PGHOST: undefined })
+    expect(code).toBe(1)
+    expect(err).toContain('lint_1.sql:3: [serial]')
+    expect(await check(null, { dir: join(__dirname, '..', 'samples', 'migrations') })).toEqual([])
+    const clean = await cli([join(__dirname, '..', 'samples', 'migrations'), '--check'], { CLUSTER_ENDPOINT: undefined, PGHOST: undefined })
+    expect(clean).toMatchObject({ code: 0, out: "No findings: the statements of every file follow DSQL's rules.\n" })
+  })
+})
+
+describe('without libpg-query', () => {
+  test('migrate applies (saying it skipped the lint) and --check says how to install it', async () => {
+    const dir = migrations({ 'noparser_1.sql': 'CREATE TABLE noparser_t (n int);\nINSERT INTO noparser_t VALUES (1);\n' })
+    const applied = await child(['migrate', dir])
+    expect(applied).toEqual({ code: 0, out: "libpg-query is not installed: applying without checking against DSQL's rules first.\nnoparser_1.sql: applied 2 statements\n", err: '' })
+    expect(await sql`select n from noparser_t`).toEqual([{ n: 1 }])
+    const checked = await child(['migrate', dir, '--check'])
+    expect(checked.code).toBe(1)
+    expect(checked.err).toContain('needs the libpg-query package')
+    expect(checked.err).toContain('npm i -D libpg-query@16')
+  }, 300_000)
+})
+
+describe('options', () => {
+  test('bad options are config errors that say what to pass, before anything connects', async () => {
+    await expect(migrate(sql, { ledgerSchema: 'a"b' })).rejects.toThrow(new DsqlConfigError('ledgerSchema must be a plain schema name such as "postgres_dsql_migrate", not "a\\"b".'))
+    await expect(migrate(sql, { jobTimeoutSecs: -1 })).rejects.toThrow(DsqlConfigError)
+    await expect(plan(sql, { dir: '' })).rejects.toThrow(/dir must be the path of a directory/)
+    await expect(migrate(sql, { dir: join(tmpdir(), 'no-such-dir-for-migrate') })).rejects.toMatchObject({ code: 'MIGRATE_FILES', message: expect.stringContaining('No migrations directory at') })
+    const unclosed = migrations({ 'unclosed_1.sql': 'SELECT 1;\nBEGIN;\nINSERT INTO x VALUES (1);\n' })
+    await expect(plan(sql, { dir: unclosed })).rejects.toMatchObject({ code: 'MIGRATE_FILES', message: 'unclosed_1.sql:2: BEGIN without COMMIT: end the block with COMMIT.' })
+  })
+})
+
+describe('the command', () => {
+  test('exit 0 when applied or nothing is pending, 1 naming file and line when a statement fails, 2 for bad usage; --dry-run applies nothing', async () => {
+    const dir = migrations({ 'cli_1.sql': 'CREATE TABLE cli_t (n int);\nINSERT INTO cli_t VALUES (1);\n' })
+    // Connected the way the other commands are: the environment (CLUSTER_ENDPOINT, PGHOSTADDR, PGPORT, PGSSLROOTCERT, AWS_*).
+    const env = { ...local.env, CLUSTER_USER: undefined, PGUSER: undefined, AWS_PROFILE: undefined }
+    const dry = await cli([dir, '--dry-run'], env)
+    expect(dry).toEqual({ code: 0, out: 'cli_1.sql:1  statement 1  CREATE TABLE cli_t (n int)\ncli_1.sql:2  statement 2  INSERT INTO cli_t VALUES (1)\n2 statements to apply.\n', err: '' })
+    expect(await ledger('cli_')).toEqual([])
+
+    expect(await cli([dir], env)).toEqual({ code: 0, out: 'cli_1.sql: applied 2 statements\n', err: '' })
+    expect(await cli([dir], env)).toEqual({ code: 0, out: 'Nothing to apply: 1 file is up to date.\n', err: '' })
+    expect(await cli([dir, '--dry-run'], env)).toMatchObject({ code: 0, out: 'Nothing to apply.\n' })
+
+    migrations({ 'cli_2.sql': '\n\nINSERT INTO cli_nope VALUES (1);\n' }, dir)
+    const failed = await cli([dir], env)
+    expect(failed.code).toBe(1)
+    expect(failed.err).toMatch(/^postgres-dsql migrate: cli_2\.sql:3: statement 1 failed: relation "cli_nope" does not exist \(SQLSTATE 42P01\)/)
+
+    expect((await cli([dir, '--bogus'], env)).code).toBe(2)
+    expect((await cli([dir, '--check', '--dry-run'], env)).code).toBe(2)
+    expect(await cli([join(dir, 'nowhere')], env)).toMatchObject({ code: 1, err: expect.stringContaining('No migrations directory at') })
+    expect(await cli([dir], { ...env, CLUSTER_ENDPOINT: undefined, PGHOST: undefined })).toMatchObject({ code: 2, err: expect.stringContaining('No DSQL endpoint') })
+    expect(await cli(['--help'])).toMatchObject({ code: 0, out: expect.stringMatching(/^Usage: postgres-dsql migrate \[dir\]/) })
+  })
+})
+
+/** Runs the command in a node process where `libpg-query` cannot be found, as when it is not installed. */
+function child(args: string[]): Promise<{ code: number; out: string; err: string }> {
+  const hide = join(mkdtempSync(join(tmpdir(), 'no-libpg-query-')), 'hide.js')
+  writeFileSync(
+    hide,
+    `const Module = require('node:module')
+const resolve = Module._resolveFilename
+Module._resolveFilename = function (request, ...rest) {
+  if (request === 'libpg-query') throw Object.assign(new Error("Cannot find module 'libpg-query'"), { code: 'MODULE_NOT_FOUND' })
+  return resolve.call(this, request, ...rest)
+}
+`,
+  )
+  const env: NodeJS.ProcessEnv = { ...process.env, ...local.env }
+  delete env.AWS_PROFILE
+  const root = join(__dirname, '..')
+  return new Promise((done) => {
+    execFile(process.execPath, ['-r', hide, '-r', 'ts-node/register/transpile-only', join(root, 'lib', 'cli.ts'), ...args], { env, cwd: root, timeout: 120_000 }, (error, out, err) =>
+      done({ code: error ? Number(error.code ?? 1) : 0, out, err }),
+    )
+  })
+}
+
+/** Runs the command in this process with stdout and stderr captured and `env` over the environment. */
+async function cli(args: string[], env: Record<string, string | undefined> = {}): Promise<{ code: number; out: string; err: string }> {
+  const { main } = await import('../lib/cli')
+  const saved = { ...process.env }
+  let out = ''
+  let err = ''
+  const stdout = jest.spyOn(process.stdout, 'write').mockImplementation((chunk: string | Uint8Array) => ((out += String(chunk)), true))
+  const stderr = jest.spyOn(process.stderr, 'write').mockImplementation((chunk: string | Uint8Array) => ((err += String(chunk)), true))
+  try {
+    Object.assign(process.env, { AWS_ACCESS_KEY_ID: local.credentials.accessKeyId, AWS_SECRET_ACCESS_KEY: local.credentials.secretAccessKey, AWS_REGION: local.region })
+    for (const [key, value] of Object.entries(env)) {
+      if (value === undefined) delete process.env[key]
+      else process.env[key] = value
+    }
+    delete process.env.AWS_PROFILE
+    const code = await main(['migrate', ...args])
+    return { code, out, err }
+  } finally {
+    stdout.mockRestore()
+    stderr.mockRestore()
+    process.env = saved
+  }
+}
