@@ -51,7 +51,7 @@ export function lint(dialect: Dialect, files: { file: MigrationFile; units: Unit
 function lintUnit(dialect: Dialect, file: string, unit: Unit): Finding[] {
   const findings: Finding[] = []
   // Outside a block every statement is its own transaction; inside, DSQL's transaction rules apply.
-  const rules = new TransactionRules({ maxAgeMs: Infinity })
+  const rules = new TransactionRules({ maxAgeMs: Infinity, maxResultBytes: Infinity })
   for (const statement of unit.statements) {
     const classified = dialect.classify(statement.text).statements
     const at = { file, statement: unit.number, line: statement.line }
