@@ -16,9 +16,9 @@ export interface DsqlLogger {
 
 /** OCC retry for `sql.begin`; the names follow the official AWS connector. */
 export interface RetryOptions {
-  /** Retries after the first attempt (default 5). */
+  /** Retries after the first attempt (default 10). */
   maxRetries?: number
-  /** First backoff delay in ms (default 10). */
+  /** First backoff delay in ms (default 20). */
   baseDelayMs?: number
   /** Cap on one delay in ms (default 2000). */
   maxDelayMs?: number
@@ -153,6 +153,7 @@ export function resolveConfig(o: DsqlOptions<Types>, env: NodeJS.ProcessEnv = pr
   if (raw.password !== undefined || raw.pass !== undefined) throw passwordError()
   if (raw.socket !== undefined || raw.path !== undefined)
     throw new DsqlConfigError('`socket` and `path` are owned by postgres-dsql: it opens the TLS connection to DSQL itself.')
+  checkOptions(raw)
 
   const profile = o.profile ?? env.AWS_PROFILE
   const { host, clusterId, region } = resolveHost(o.host ?? o.hostname ?? env.PGHOST, o.region, env, profile)
@@ -179,6 +180,116 @@ export function resolveConfig(o: DsqlOptions<Types>, env: NodeJS.ProcessEnv = pr
   }
 }
 
+type Check = (value: unknown) => boolean
+const isString: Check = (v) => typeof v === 'string'
+const isNumber: Check = (v) => typeof v === 'number' && !Number.isNaN(v)
+const isBoolean: Check = (v) => typeof v === 'boolean'
+const isFunction: Check = (v) => typeof v === 'function'
+const isObject: Check = (v) => typeof v === 'object' && v !== null && !Array.isArray(v)
+const isNull: Check = (v) => v === null
+const either = (...checks: Check[]): Check => (v) => checks.some((check) => check(v))
+
+/** The type each option must have, with how to say it; an undefined value means the default. */
+const OPTION_TYPES: Record<string, [Check, string]> = {
+  hostname: [isString, 'a cluster endpoint name'],
+  port: [either(isNumber, isString), 'a TCP port number'],
+  region: [isString, 'an AWS region name such as "us-east-1"'],
+  user: [isString, 'a role name'],
+  username: [isString, 'a role name'],
+  database: [isString, 'a database name ("postgres")'],
+  db: [isString, 'a database name ("postgres")'],
+  schema: [either(isString, (v) => v === false), 'a schema name or false'],
+  onconnect: [isFunction, 'a function (session) => ...'],
+  tokenDurationSecs: [isNumber, 'a number of seconds'],
+  customCredentialsProvider: [either(isObject, isFunction), 'AWS credentials or a provider function'],
+  credentials: [either(isObject, isFunction), 'AWS credentials or a provider function'],
+  profile: [isString, 'a profile name'],
+  ssl: [either(isBoolean, isString, isObject), 'true, a mode such as "verify-full", or a tls options object'],
+  sslrootcert: [isString, 'the path of a PEM file'],
+  sslnegotiation: [isString, '"direct" or "postgres"'],
+  hostaddr: [isString, 'a host name or IP address'],
+  retry: [either(isBoolean, isObject), 'true, false or { maxRetries, baseDelayMs, maxDelayMs, jitterFactor, deadlineMs }'],
+  logger: [isObject, 'an object with debug, warn and error functions'],
+  // postgres.js's own options: it takes them as given, so a string where a number belongs breaks it.
+  max: [isNumber, 'a number of connections'],
+  idle_timeout: [either(isNumber, isNull), 'a number of seconds or null'],
+  connect_timeout: [isNumber, 'a number of seconds'],
+  max_lifetime: [either(isNumber, isNull, isFunction), 'a number of seconds, null or a function'],
+  max_pipeline: [isNumber, 'a number of queries'],
+  backoff: [either(isNumber, isFunction), 'a number of seconds or a function'],
+  keep_alive: [either(isNumber, isNull), 'a number of seconds or null'],
+  prepare: [isBoolean, 'true or false'],
+  fetch_types: [isBoolean, 'true or false'],
+  debug: [either(isBoolean, isFunction), 'true, false or a function'],
+  publications: [isString, 'a publication name'],
+  target_session_attrs: [either(isString, isNull), 'a session attribute such as "read-write"'],
+  transform: [isObject, 'a transform object such as postgres.camel'],
+  types: [isObject, 'an object of custom types'],
+  connection: [isObject, 'an object of startup parameters'],
+  onnotice: [isFunction, 'a function'],
+  onparameter: [isFunction, 'a function'],
+  onclose: [isFunction, 'a function'],
+}
+
+const LOGGER_LEVELS = ['debug', 'warn', 'error']
+
+/** Every option of a wrong type is a DsqlConfigError here, never a TypeError deep inside. */
+function checkOptions(raw: Record<string, unknown>): void {
+  if (Array.isArray(raw.host) || Array.isArray(raw.hostname)) throw hostList()
+  if (raw.host !== undefined && typeof raw.host !== 'string') throw typeError('host', raw.host, 'a cluster endpoint name')
+  for (const [name, [check, expected]] of Object.entries(OPTION_TYPES)) {
+    const value = raw[name]
+    if (value !== undefined && !check(value)) throw typeError(name, value, expected)
+  }
+  const logger = raw.logger as Record<string, unknown> | undefined
+  for (const level of LOGGER_LEVELS)
+    if (logger && logger[level] !== undefined && typeof logger[level] !== 'function') throw typeError(`logger.${level}`, logger[level], 'a function')
+  const connection = raw.connection as Record<string, unknown> | undefined
+  for (const [key, value] of Object.entries(connection ?? {}))
+    if (value !== undefined && value !== null && !['string', 'number', 'boolean'].includes(typeof value))
+      throw typeError(`connection.${key}`, value, 'a string, number or boolean startup parameter')
+  if (typeof raw.retry === 'object') checkRetry(raw.retry as Record<string, unknown>)
+  for (const name of ['customCredentialsProvider', 'credentials']) {
+    const given = raw[name] as Record<string, unknown> | undefined
+    if (isObject(given) && (typeof given?.accessKeyId !== 'string' || typeof given?.secretAccessKey !== 'string'))
+      throw new DsqlConfigError(`\`${name}\` must have string accessKeyId and secretAccessKey (and sessionToken for temporary credentials), or be a provider function.`)
+  }
+  if (raw.max !== undefined && !(Number.isInteger(raw.max) && (raw.max as number) >= 1))
+    throw typeError('max', raw.max, 'a whole number of connections, 1 or more')
+}
+
+const RETRY_LIMITS: Record<string, [number, number]> = {
+  maxRetries: [0, Infinity],
+  baseDelayMs: [0, Infinity],
+  maxDelayMs: [0, Infinity],
+  jitterFactor: [0, 1],
+  deadlineMs: [0, Infinity],
+}
+
+/** Also for a call's own retry settings (`sql.begin(fn, { ... })`). */
+export function checkRetry(retry: Record<string, unknown>): void {
+  for (const [key, value] of Object.entries(retry)) {
+    const limits = RETRY_LIMITS[key]
+    if (!limits) throw new DsqlConfigError(`\`retry.${key}\` is not a retry setting: use ${Object.keys(RETRY_LIMITS).join(', ')}.`)
+    if (value === undefined) continue
+    if (typeof value !== 'number' || Number.isNaN(value) || value < limits[0] || value > limits[1])
+      throw typeError(`retry.${key}`, value, limits[1] === 1 ? 'a number from 0 to 1' : 'a number, 0 or more')
+  }
+}
+
+function typeError(name: string, value: unknown, expected: string): DsqlConfigError {
+  return new DsqlConfigError(`\`${name}\` must be ${expected}, not ${describeValue(value)}.`)
+}
+
+/** What was given, without its content: an option may hold a secret. */
+function describeValue(value: unknown): string {
+  if (Array.isArray(value)) return 'an array'
+  if (value === null) return 'null'
+  if (typeof value === 'string') return value.length <= 40 && !/[A-Za-z0-9/+=]{32,}/.test(value) ? `the string "${value}"` : 'a string'
+  if (typeof value === 'number') return `the number ${value}`
+  return typeof value === 'object' ? 'an object' : `a ${typeof value}`
+}
+
 function passwordError(): DsqlConfigError {
   return new DsqlConfigError(
     'Do not pass a password: postgres-dsql mints a fresh IAM token for every connection. ' +
@@ -189,11 +300,11 @@ function passwordError(): DsqlConfigError {
 function resolveHost(given: string | undefined, optRegion: string | undefined, env: NodeJS.ProcessEnv, profile: string | undefined) {
   if (!given) throw new DsqlConfigError('No DSQL endpoint: pass `host` (e.g. "<cluster-id>.dsql.us-east-1.on.aws") or set PGHOST.')
   const host = given.trim().toLowerCase().replace(/\.$/, '')
-  if (host.includes(',')) throw new DsqlConfigError(`Multiple hosts ("${given}") are not supported: a DSQL endpoint is one host name.`)
+  if (host.includes(',')) throw hostList()
   if (host.includes('/') || host.includes(':'))
     throw new DsqlConfigError(`\`host\` must be a bare host name, not "${given}": give the port as \`port\` and a URL as the first argument.`)
   if (optRegion !== undefined && !REGION.test(optRegion))
-    throw new DsqlConfigError(`\`region\` "${optRegion}" is not an AWS region name such as "us-east-1".`)
+    throw new DsqlConfigError(`\`region\` must be an AWS region name such as "us-east-1", not ${describeValue(optRegion)}.`)
 
   const match = ENDPOINT.exec(host)
   if (match) {
@@ -214,6 +325,10 @@ function resolveHost(given: string | undefined, optRegion: string | undefined, e
   }
   if (!region) throw noRegion(given)
   return { host, clusterId: undefined, region }
+}
+
+function hostList(): DsqlConfigError {
+  return new DsqlConfigError('`host` is one cluster endpoint: lists of hosts (multi-Region) are not supported yet. Pass one endpoint name as a string.')
 }
 
 function noRegion(given: string): DsqlConfigError {
