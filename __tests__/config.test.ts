@@ -83,13 +83,27 @@ describe('roles, schema, token and TLS options', () => {
     expect(() => resolve(mergeUrl(`postgres://admin@${HOST}/postgres?sslmode=disable`, {}))).toThrow(/DSQL requires TLS/)
   })
 
-  test('ssl forms map to verification settings', () => {
-    expect(resolve({ host: HOST, ssl: 'require' }).tls.rejectUnauthorized).toBe(false)
-    expect(resolve({ host: HOST, ssl: 'verify-full' }).tls.rejectUnauthorized).toBe(true)
-    const ca = resolve({ host: HOST, ssl: 'verify-ca' }).tls
-    expect(ca.rejectUnauthorized).toBe(true)
-    expect(ca.checkServerIdentity?.('x', {} as never)).toBeUndefined()
+  test('every ssl mode verifies the chain and the host name; only an object turns that off', () => {
+    for (const ssl of [true, 'true', 'require', 'prefer', 'allow', 'verify-ca', 'verify-full'] as const) {
+      const tls = resolve({ host: HOST, ssl: ssl as DsqlOptions['ssl'] }).tls
+      expect({ ssl, rejectUnauthorized: tls.rejectUnauthorized, checkServerIdentity: tls.checkServerIdentity }).toEqual({ ssl, rejectUnauthorized: true, checkServerIdentity: undefined })
+    }
+    expect(resolve(mergeUrl(`postgres://admin@${HOST}/postgres?sslmode=require`, {})).tls.rejectUnauthorized).toBe(true)
     expect(resolve({ host: HOST, ssl: { ca: 'PEM' } }).tls).toMatchObject({ ca: 'PEM', servername: HOST })
+    expect(resolve({ host: HOST, ssl: { rejectUnauthorized: false } }).tls.rejectUnauthorized).toBe(false)
+    configError({ host: HOST, ssl: 'disable' as never }, /DSQL requires TLS/)
+    configError({ host: HOST, ssl: 'verify' as never }, /`ssl` "verify" is not a TLS mode/)
+  })
+
+  test('turning verification off warns once per dsql() call, through logger.warn', async () => {
+    const warned: string[] = []
+    const logger = { warn: (m: string) => warned.push(m) }
+    resolve({ host: HOST, ssl: 'require', logger })
+    resolve({ host: HOST, ssl: { ca: 'PEM' }, logger })
+    expect(warned).toEqual([])
+    resolve({ host: HOST, ssl: { rejectUnauthorized: false }, logger })
+    expect(warned).toHaveLength(1)
+    expect(warned[0]).toMatch(/verification is off/)
   })
 
   test('sslrootcert pins a CA file; an unreadable one is a config error', () => {

@@ -161,6 +161,10 @@ export function resolveConfig(o: DsqlOptions<Types>, env: NodeJS.ProcessEnv = pr
   if (typeof user !== 'string' || !user) throw new DsqlConfigError('`user` must be a non-empty role name, e.g. "admin".')
   const database = o.database ?? o.db ?? 'postgres'
   const negotiation = o.sslnegotiation ?? env.PGSSLNEGOTIATION
+  const tls = resolveTls(o.ssl, o.sslrootcert ?? env.PGSSLROOTCERT, host)
+  // Once per dsql() call, which resolves its options exactly once.
+  if (tls.rejectUnauthorized === false)
+    o.logger?.warn?.('dsql: TLS certificate verification is off (ssl.rejectUnauthorized: false): the server is not authenticated and the IAM token can be intercepted', { host })
 
   return {
     host,
@@ -175,7 +179,7 @@ export function resolveConfig(o: DsqlOptions<Types>, env: NodeJS.ProcessEnv = pr
     tokenDurationSecs: resolveDuration(o.tokenDurationSecs),
     sslnegotiation: resolveNegotiation(negotiation),
     directFallback: negotiation === undefined,
-    tls: resolveTls(o.ssl, o.sslrootcert ?? env.PGSSLROOTCERT, host),
+    tls,
     connectTimeoutMs: resolveConnectTimeout(o.connect_timeout),
   }
 }
@@ -403,16 +407,24 @@ function nonEmpty(value: string | undefined, name: string): string | undefined {
 
 type SslOption = DsqlOptions['ssl'] | 'disable' | 'false' | 'true'
 
-/** postgres.js's `ssl` forms, mapped to node:tls options; everything verifies unless told not to. */
+/** postgres.js's string modes: all verify the chain and the host name (see README, TLS). */
+const SSL_MODES = new Set<unknown>([undefined, true, 'true', 'require', 'prefer', 'allow', 'verify-ca', 'verify-full'])
+
+/**
+ * postgres.js's `ssl` forms, mapped to node:tls options. DSQL always requires TLS and its
+ * certificate always names the endpoint, so every mode verifies both: 'require'/'prefer'/'allow'
+ * have no plaintext to fall back to, and 'verify-ca' loses nothing by checking the name too.
+ * Only a tls options object can turn verification off, on purpose.
+ */
 function resolveTls(ssl: SslOption, rootcert: string | undefined, host: string): ConnectionOptions {
   const base: ConnectionOptions = { servername: host, minVersion: 'TLSv1.2', ...readRootCert(rootcert) }
   if (ssl === false || ssl === 'disable' || ssl === 'false')
     throw new DsqlConfigError('DSQL requires TLS: remove `ssl: false` / `sslmode=disable` (TLS is verified by default).')
-  if (ssl === undefined || ssl === true || ssl === 'true' || ssl === 'verify-full') return { ...base, rejectUnauthorized: true }
-  if (ssl === 'verify-ca') return { ...base, rejectUnauthorized: true, checkServerIdentity: () => undefined }
-  if (ssl === 'require' || ssl === 'allow' || ssl === 'prefer') return { ...base, rejectUnauthorized: false }
+  if (SSL_MODES.has(ssl)) return { ...base, rejectUnauthorized: true }
   if (typeof ssl === 'object' && ssl !== null) return { ...base, ...ssl }
-  throw new DsqlConfigError(`\`ssl\` "${String(ssl)}" is not one of true, "verify-full", "verify-ca", "require" or a tls options object.`)
+  throw new DsqlConfigError(
+    `\`ssl\` "${String(ssl)}" is not a TLS mode: use true, "verify-full", "verify-ca", "require", "prefer", "allow" (all verified) or a tls options object.`,
+  )
 }
 
 function readRootCert(path: string | undefined): ConnectionOptions {
