@@ -54,11 +54,25 @@ describe('endpoint and region', () => {
     configError({ host: 'abc' }, /26 lowercase letters and digits/)
     configError({ host: ID }, /pass `region`, set AWS_REGION/)
     configError({ host: 'db.example.com' }, /Cannot tell the AWS region/)
-    configError({ host: '10.0.0.1' }, /put the address in `hostaddr`/)
     configError({ host: `${HOST},${HOST}` }, /lists of hosts \(multi-Region\) are not supported yet/)
     configError({ host: `${HOST}:5432` }, /bare host name/)
     configError({ host: HOST, region: 'eu-west-1' }, /contradicts the endpoint's region "us-east-1"/)
     configError({ host: ID, region: 'mars' }, /`region` must be an AWS region name such as "us-east-1", not the string "mars"/)
+  })
+
+  test('localhost and addresses are refused with the hostaddr advice, region or not', () => {
+    for (const host of ['localhost', 'LOCALHOST', 'db.localhost', '127.0.0.1', '10.0.0.1', '::1'])
+      for (const region of [undefined, 'us-east-1'])
+        configError({ host, region }, new RegExp(`keep \`host\` the endpoint and set \`hostaddr: '${host.replace(/\./g, '\\.')}'\``))
+  })
+
+  test("a DSQL endpoint's cluster id is 26 lowercase letters and digits", () => {
+    configError({ host: 'abcdefghijklmnopqrstuvwxy.dsql.us-east-1.on.aws' }, /"abcdefghijklmnopqrstuvwxy" is not a cluster id \(26 lowercase letters and digits\)/)
+    configError({ host: `${ID}x.dsql.us-east-1.on.aws` }, /is not a cluster id/)
+    configError({ host: 'my_cluster.dsql.us-east-1.on.aws' }, /<cluster-id>\.dsql\.<region>\.on\.aws/)
+    configError({ host: `${ID}.dsql.mars.on.aws` }, /its region part is not an AWS region/)
+    // With an explicit region any name goes: proxies, tunnels, a stand-in with its own cluster id.
+    expect(resolve({ host: 'local-test.dsql.us-east-1.on.aws', region: 'us-east-1' })).toMatchObject({ host: 'local-test.dsql.us-east-1.on.aws', clusterId: undefined })
   })
 
   test('a non-DSQL name works when the region is given (custom DNS, tunnels)', () => {

@@ -98,6 +98,8 @@ export interface DsqlConfig {
 }
 
 const ENDPOINT = /^([a-z0-9]{26})\.dsql(?:-[a-z0-9]+)?\.([a-z]{2}(?:-[a-z]+)+-\d+)\.on\.aws$/
+/** Looks like a DSQL endpoint, whatever its cluster id part: a typo there deserves its own error. */
+const DSQL_SHAPED = /^([^.]*)\.dsql(?:-[a-z0-9]+)?\.[a-z0-9-]+\.on\.aws$/
 const CLUSTER_ID = /^[a-z0-9]{26}$/
 const REGION = /^[a-z]{2}(?:-[a-z]+)+-\d+$/
 const MAX_TOKEN_SECS = 604800
@@ -305,19 +307,30 @@ function resolveHost(given: string | undefined, optRegion: string | undefined, e
   if (!given) throw new DsqlConfigError('No DSQL endpoint: pass `host` (e.g. "<cluster-id>.dsql.us-east-1.on.aws") or set PGHOST.')
   const host = given.trim().toLowerCase().replace(/\.$/, '')
   if (host.includes(',')) throw hostList()
+  if (isIP(host) || host === 'localhost' || host.endsWith('.localhost'))
+    throw new DsqlConfigError(
+      `\`host\` must be the cluster's endpoint name, not "${given}": the token and the certificate check are for that name. ` +
+        `To connect through ${given} (a tunnel, a proxy, the local stand-in), keep \`host\` the endpoint and set \`hostaddr: '${given}'\`.`,
+    )
   if (host.includes('/') || host.includes(':'))
     throw new DsqlConfigError(`\`host\` must be a bare host name, not "${given}": give the port as \`port\` and a URL as the first argument.`)
   if (optRegion !== undefined && !REGION.test(optRegion))
     throw new DsqlConfigError(`\`region\` must be an AWS region name such as "us-east-1", not ${describeValue(optRegion)}.`)
 
   const match = ENDPOINT.exec(host)
+  const shaped = DSQL_SHAPED.exec(host)
+  if (!match && shaped && optRegion === undefined) {
+    const wrong = CLUSTER_ID.test(shaped[1]) ? 'its region part is not an AWS region' : `"${shaped[1]}" is not a cluster id (26 lowercase letters and digits)`
+    throw new DsqlConfigError(
+      `\`host\` "${given}" is not a DSQL endpoint: ${wrong}. Check it against <cluster-id>.dsql.<region>.on.aws ` +
+        '(for a name that is not a cluster endpoint, such as a proxy, pass `region` too).',
+    )
+  }
   if (match) {
     if (optRegion && optRegion !== match[2])
       throw new DsqlConfigError(`\`region\` "${optRegion}" contradicts the endpoint's region "${match[2]}": drop \`region\` or fix the host.`)
     return { host, clusterId: match[1], region: match[2] }
   }
-  if (isIP(host))
-    throw new DsqlConfigError(`\`host\` must be the cluster's endpoint name, not an address ("${given}"): put the address in \`hostaddr\`.`)
   const region = optRegion ?? envRegion(env, profile)
   if (!host.includes('.')) {
     if (!CLUSTER_ID.test(host))
