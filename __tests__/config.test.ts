@@ -158,7 +158,7 @@ describe('every malformed option is a DsqlConfigError', () => {
     ['retry', { jitterFactor: 2 }], ['retry', { tries: 3 }], ['logger', console.warn], ['logger', { warn: 'yes' }], ['max', '3'], ['max', 0],
     ['max', 1.5], ['idle_timeout', '20'], ['connect_timeout', '5'], ['connect_timeout', 0], ['max_lifetime', '60'], ['max_pipeline', '100'],
     ['backoff', 'fast'], ['keep_alive', '60'], ['prepare', 'false'], ['fetch_types', 1], ['debug', 'yes'], ['publications', 1],
-    ['target_session_attrs', 1], ['transform', 'camel'], ['types', []], ['connection', 'application_name=x'], ['connection', { options: {} }],
+    ['target_session_attrs', 1], ['transform', 'camel'], ['transform', 1], ['types', []], ['connection', 'application_name=x'], ['connection', { options: {} }],
     ['onnotice', true], ['onparameter', {}], ['onclose', 'x'],
   ]
   test.each(bad)('%s: %p', (name, value) => {

@@ -229,7 +229,7 @@ const OPTION_TYPES: Record<string, [Check, string]> = {
   debug: [either(isBoolean, isFunction), 'true, false or a function'],
   publications: [isString, 'a publication name'],
   target_session_attrs: [either(isString, isNull), 'a session attribute such as "read-write"'],
-  transform: [isObject, 'a transform object such as postgres.camel'],
+  transform: [either(isObject, isFunction), 'a transform such as postgres.camel'],
   types: [isObject, 'an object of custom types'],
   connection: [isObject, 'an object of startup parameters'],
   onnotice: [isFunction, 'a function'],
