@@ -3,7 +3,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { createHash, X509Certificate } from 'node:crypto'
 import { inspect } from 'node:util'
-import dsql, { DsqlConfigError } from '../lib'
+import dsql, { DsqlConfigError, DsqlConnectionError } from '../lib'
 import { mergeUrl, resolveConfig, type DsqlOptions } from '../lib/config'
 
 const ID = 'abcdefghijklmnopqrstuvwxyz'
@@ -54,11 +54,25 @@ describe('endpoint and region', () => {
     configError({ host: 'abc' }, /26 lowercase letters and digits/)
     configError({ host: ID }, /pass `region`, set AWS_REGION/)
     configError({ host: 'db.example.com' }, /Cannot tell the AWS region/)
-    configError({ host: '10.0.0.1' }, /put the address in `hostaddr`/)
-    configError({ host: `${HOST},${HOST}` }, /Multiple hosts/)
+    configError({ host: `${HOST},${HOST}` }, /lists of hosts \(multi-Region\) are not supported yet/)
     configError({ host: `${HOST}:5432` }, /bare host name/)
     configError({ host: HOST, region: 'eu-west-1' }, /contradicts the endpoint's region "us-east-1"/)
-    configError({ host: ID, region: 'mars' }, /not an AWS region name/)
+    configError({ host: ID, region: 'mars' }, /`region` must be an AWS region name such as "us-east-1", not the string "mars"/)
+  })
+
+  test('localhost and addresses are refused with the hostaddr advice, region or not', () => {
+    for (const host of ['localhost', 'LOCALHOST', 'db.localhost', '127.0.0.1', '10.0.0.1', '::1'])
+      for (const region of [undefined, 'us-east-1'])
+        configError({ host, region }, new RegExp(`keep \`host\` the endpoint and set \`hostaddr: '${host.replace(/\./g, '\\.')}'\``))
+  })
+
+  test("a DSQL endpoint's cluster id is 26 lowercase letters and digits", () => {
+    configError({ host: 'abcdefghijklmnopqrstuvwxy.dsql.us-east-1.on.aws' }, /"abcdefghijklmnopqrstuvwxy" is not a cluster id \(26 lowercase letters and digits\)/)
+    configError({ host: `${ID}x.dsql.us-east-1.on.aws` }, /is not a cluster id/)
+    configError({ host: 'my_cluster.dsql.us-east-1.on.aws' }, /<cluster-id>\.dsql\.<region>\.on\.aws/)
+    configError({ host: `${ID}.dsql.mars.on.aws` }, /its region part is not an AWS region/)
+    // With an explicit region any name goes: proxies, tunnels, a stand-in with its own cluster id.
+    expect(resolve({ host: 'local-test.dsql.us-east-1.on.aws', region: 'us-east-1' })).toMatchObject({ host: 'local-test.dsql.us-east-1.on.aws', clusterId: undefined })
   })
 
   test('a non-DSQL name works when the region is given (custom DNS, tunnels)', () => {
@@ -83,13 +97,27 @@ describe('roles, schema, token and TLS options', () => {
     expect(() => resolve(mergeUrl(`postgres://admin@${HOST}/postgres?sslmode=disable`, {}))).toThrow(/DSQL requires TLS/)
   })
 
-  test('ssl forms map to verification settings', () => {
-    expect(resolve({ host: HOST, ssl: 'require' }).tls.rejectUnauthorized).toBe(false)
-    expect(resolve({ host: HOST, ssl: 'verify-full' }).tls.rejectUnauthorized).toBe(true)
-    const ca = resolve({ host: HOST, ssl: 'verify-ca' }).tls
-    expect(ca.rejectUnauthorized).toBe(true)
-    expect(ca.checkServerIdentity?.('x', {} as never)).toBeUndefined()
+  test('every ssl mode verifies the chain and the host name; only an object turns that off', () => {
+    for (const ssl of [true, 'true', 'require', 'prefer', 'allow', 'verify-ca', 'verify-full'] as const) {
+      const tls = resolve({ host: HOST, ssl: ssl as DsqlOptions['ssl'] }).tls
+      expect({ ssl, rejectUnauthorized: tls.rejectUnauthorized, checkServerIdentity: tls.checkServerIdentity }).toEqual({ ssl, rejectUnauthorized: true, checkServerIdentity: undefined })
+    }
+    expect(resolve(mergeUrl(`postgres://admin@${HOST}/postgres?sslmode=require`, {})).tls.rejectUnauthorized).toBe(true)
     expect(resolve({ host: HOST, ssl: { ca: 'PEM' } }).tls).toMatchObject({ ca: 'PEM', servername: HOST })
+    expect(resolve({ host: HOST, ssl: { rejectUnauthorized: false } }).tls.rejectUnauthorized).toBe(false)
+    configError({ host: HOST, ssl: 'disable' as never }, /DSQL requires TLS/)
+    configError({ host: HOST, ssl: 'verify' as never }, /`ssl` "verify" is not a TLS mode/)
+  })
+
+  test('turning verification off warns once per dsql() call, through logger.warn', async () => {
+    const warned: string[] = []
+    const logger = { warn: (m: string) => warned.push(m) }
+    resolve({ host: HOST, ssl: 'require', logger })
+    resolve({ host: HOST, ssl: { ca: 'PEM' }, logger })
+    expect(warned).toEqual([])
+    resolve({ host: HOST, ssl: { rejectUnauthorized: false }, logger })
+    expect(warned).toHaveLength(1)
+    expect(warned[0]).toMatch(/verification is off/)
   })
 
   test('sslrootcert pins a CA file; an unreadable one is a config error', () => {
@@ -117,6 +145,45 @@ describe('roles, schema, token and TLS options', () => {
   test('a URL gives host, user, database and libpq parameters; options win over it', () => {
     const merged = mergeUrl(`postgres://app@${HOST}:6000/postgres?sslrootcert=certs/AmazonRootCA1.pem&sslnegotiation=postgres&hostaddr=127.0.0.1`, { port: 7000 })
     expect(resolve(merged)).toMatchObject({ user: 'app', port: 7000, hostaddr: '127.0.0.1', sslnegotiation: 'postgres' })
+  })
+})
+
+describe('every malformed option is a DsqlConfigError', () => {
+  const bad: [string, unknown][] = [
+    ['host', ['a', 'b']], ['host', 42], ['host', { name: HOST }], ['hostname', [HOST]], ['port', 'abc'], ['port', {}], ['port', 0],
+    ['region', 1], ['region', ['us-east-1']], ['user', 7], ['username', {}], ['database', 1], ['db', []], ['schema', 1], ['schema', true],
+    ['onconnect', 'SET x'], ['tokenDurationSecs', '900'], ['tokenDurationSecs', 1.5], ['credentials', 'AKIA'], ['credentials', { accessKeyId: 'a' }],
+    ['customCredentialsProvider', []], ['profile', 1], ['ssl', 1], ['ssl', []], ['ssl', 'verify'], ['sslrootcert', 1], ['sslnegotiation', 1],
+    ['hostaddr', 1], ['hostaddr', ''], ['retry', 'yes'], ['retry', 3], ['retry', { maxRetries: '3' }], ['retry', { maxRetries: -1 }],
+    ['retry', { jitterFactor: 2 }], ['retry', { tries: 3 }], ['logger', console.warn], ['logger', { warn: 'yes' }], ['max', '3'], ['max', 0],
+    ['max', 1.5], ['idle_timeout', '20'], ['connect_timeout', '5'], ['connect_timeout', 0], ['max_lifetime', '60'], ['max_pipeline', '100'],
+    ['backoff', 'fast'], ['keep_alive', '60'], ['prepare', 'false'], ['fetch_types', 1], ['debug', 'yes'], ['publications', 1],
+    ['target_session_attrs', 1], ['transform', 'camel'], ['transform', 1], ['types', []], ['connection', 'application_name=x'], ['connection', { options: {} }],
+    ['onnotice', true], ['onparameter', {}], ['onclose', 'x'],
+  ]
+  test.each(bad)('%s: %p', (name, value) => {
+    const options = { host: HOST, [name]: value } as DsqlOptions
+    expect(() => dsql(options)).toThrow(DsqlConfigError)
+    expect(() => dsql(options)).toThrow(name === 'host' || name === 'hostname' ? /host/ : new RegExp(`\`(${name}|retry|logger|connection)[.\`]`))
+  })
+
+  test('the message says what was given without quoting a secret', () => {
+    const secret = 'wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY'
+    expect(() => dsql({ host: HOST, profile: secret as never, hostaddr: 1 as never })).toThrow(/`hostaddr` must be a host name or IP address, not the number 1\.$/)
+    expect(() => dsql({ host: HOST, region: secret })).not.toThrow(new RegExp(secret.slice(0, 10)))
+  })
+
+  test('an explicit undefined means the default, for every option', async () => {
+    const every = Object.fromEntries(
+      ['hostname', 'port', 'region', 'user', 'username', 'database', 'db', 'schema', 'onconnect', 'tokenDurationSecs', 'customCredentialsProvider', 'profile',
+        'ssl', 'sslrootcert', 'sslnegotiation', 'hostaddr', 'retry', 'logger', 'max', 'idle_timeout', 'connect_timeout', 'max_lifetime', 'max_pipeline',
+        'backoff', 'keep_alive', 'prepare', 'fetch_types', 'debug', 'publications', 'target_session_attrs', 'transform', 'types', 'connection',
+        'onnotice', 'onparameter', 'onclose'].map((k) => [k, undefined]),
+    )
+    const sql = dsql({ host: HOST, credentials: { accessKeyId: 'AKIDEXAMPLE', secretAccessKey: 'x' }, ...every })
+    expect(sql.options).toMatchObject({ max: 10, user: 'admin', database: 'postgres', port: [5432], prepare: true, fetch_types: false, connect_timeout: 30 })
+    await sql.end()
+    expect(resolve({ host: HOST, ...every })).toMatchObject({ port: 5432, schema: 'public', tokenDurationSecs: 900, sslnegotiation: 'direct' })
   })
 })
 
@@ -173,4 +240,10 @@ test('certs/AmazonRootCA1.pem is Amazon Root CA 1', () => {
   const cert = new X509Certificate(require('node:fs').readFileSync('certs/AmazonRootCA1.pem'))
   expect(cert.subject).toContain('CN=Amazon Root CA 1')
   expect(createHash('sha256').update(cert.raw).digest('hex')).toBe('8ecde6884f3d87b1125ba31ac3fcb13d7016de7f57cc904fe1cb97c6ae98196e')
+})
+
+test('a message that quotes another one ends in one full stop', () => {
+  expect(new DsqlConnectionError('Connection failed during startup: socket hang up..', { retryable: true }).message).toBe('Connection failed during startup: socket hang up.')
+  expect(new DsqlConnectionError('failed: boom.. Check the host.', { retryable: true }).message).toBe('failed: boom. Check the host.')
+  expect(new DsqlConfigError('`port` 0 is not a TCP port (1..65535).').message).toContain('(1..65535).')
 })

@@ -1,4 +1,4 @@
-import { isOccError, retryOcc, DsqlRetryError } from '../lib'
+import dsql, { isOccError, retryOcc, DsqlConfigError, DsqlRetryError } from '../lib'
 
 const occ = (marker = 'OC000') => Object.assign(new Error(`change conflicts with another transaction, please retry: (${marker})`), { code: '40001' })
 
@@ -69,5 +69,25 @@ describe('retryOcc', () => {
       warn: (_m, f) => delays.push((f as { delayMs: number }).delayMs),
     })
     expect(delays).toEqual([2, 4, 8, 16, 16, 16])
+  })
+})
+
+describe('retry settings', () => {
+  test('an undefined setting means its default, never unbounded', async () => {
+    let calls = 0
+    const always = async () => {
+      calls++
+      throw occ()
+    }
+    const err = await retryOcc(always, { maxRetries: undefined, baseDelayMs: 0, deadlineMs: undefined }).catch((e: unknown) => e)
+    expect(err).toBeInstanceOf(DsqlRetryError)
+    expect(calls).toBe(11) // the first attempt and the default 10 retries
+  })
+
+  test("a call's own malformed settings reject with a DsqlConfigError before connecting", async () => {
+    const sql = dsql({ host: 'abcdefghijklmnopqrstuvwxyz.dsql.us-east-1.on.aws', credentials: { accessKeyId: 'AKIDEXAMPLE', secretAccessKey: 'x' } })
+    await expect(sql.begin(async () => 1, { maxRetries: '3' as never })).rejects.toThrow(DsqlConfigError)
+    await expect(sql.begin(async () => 1, { maxRetries: '3' as never })).rejects.toThrow(/`retry.maxRetries` must be a number, 0 or more, not the string "3"/)
+    await sql.end()
   })
 })

@@ -16,9 +16,9 @@ export interface DsqlLogger {
 
 /** OCC retry for `sql.begin`; the names follow the official AWS connector. */
 export interface RetryOptions {
-  /** Retries after the first attempt (default 5). */
+  /** Retries after the first attempt (default 10). */
   maxRetries?: number
-  /** First backoff delay in ms (default 10). */
+  /** First backoff delay in ms (default 20). */
   baseDelayMs?: number
   /** Cap on one delay in ms (default 2000). */
   maxDelayMs?: number
@@ -98,6 +98,8 @@ export interface DsqlConfig {
 }
 
 const ENDPOINT = /^([a-z0-9]{26})\.dsql(?:-[a-z0-9]+)?\.([a-z]{2}(?:-[a-z]+)+-\d+)\.on\.aws$/
+/** Looks like a DSQL endpoint, whatever its cluster id part: a typo there deserves its own error. */
+const DSQL_SHAPED = /^([^.]*)\.dsql(?:-[a-z0-9]+)?\.[a-z0-9-]+\.on\.aws$/
 const CLUSTER_ID = /^[a-z0-9]{26}$/
 const REGION = /^[a-z]{2}(?:-[a-z]+)+-\d+$/
 const MAX_TOKEN_SECS = 604800
@@ -153,6 +155,7 @@ export function resolveConfig(o: DsqlOptions<Types>, env: NodeJS.ProcessEnv = pr
   if (raw.password !== undefined || raw.pass !== undefined) throw passwordError()
   if (raw.socket !== undefined || raw.path !== undefined)
     throw new DsqlConfigError('`socket` and `path` are owned by postgres-dsql: it opens the TLS connection to DSQL itself.')
+  checkOptions(raw)
 
   const profile = o.profile ?? env.AWS_PROFILE
   const { host, clusterId, region } = resolveHost(o.host ?? o.hostname ?? env.PGHOST, o.region, env, profile)
@@ -160,6 +163,10 @@ export function resolveConfig(o: DsqlOptions<Types>, env: NodeJS.ProcessEnv = pr
   if (typeof user !== 'string' || !user) throw new DsqlConfigError('`user` must be a non-empty role name, e.g. "admin".')
   const database = o.database ?? o.db ?? 'postgres'
   const negotiation = o.sslnegotiation ?? env.PGSSLNEGOTIATION
+  const tls = resolveTls(o.ssl, o.sslrootcert ?? env.PGSSLROOTCERT, host)
+  // Once per dsql() call, which resolves its options exactly once.
+  if (tls.rejectUnauthorized === false)
+    o.logger?.warn?.('dsql: TLS certificate verification is off (ssl.rejectUnauthorized: false): the server is not authenticated and the IAM token can be intercepted', { host })
 
   return {
     host,
@@ -174,9 +181,119 @@ export function resolveConfig(o: DsqlOptions<Types>, env: NodeJS.ProcessEnv = pr
     tokenDurationSecs: resolveDuration(o.tokenDurationSecs),
     sslnegotiation: resolveNegotiation(negotiation),
     directFallback: negotiation === undefined,
-    tls: resolveTls(o.ssl, o.sslrootcert ?? env.PGSSLROOTCERT, host),
+    tls,
     connectTimeoutMs: resolveConnectTimeout(o.connect_timeout),
   }
+}
+
+type Check = (value: unknown) => boolean
+const isString: Check = (v) => typeof v === 'string'
+const isNumber: Check = (v) => typeof v === 'number' && !Number.isNaN(v)
+const isBoolean: Check = (v) => typeof v === 'boolean'
+const isFunction: Check = (v) => typeof v === 'function'
+const isObject: Check = (v) => typeof v === 'object' && v !== null && !Array.isArray(v)
+const isNull: Check = (v) => v === null
+const either = (...checks: Check[]): Check => (v) => checks.some((check) => check(v))
+
+/** The type each option must have, with how to say it; an undefined value means the default. */
+const OPTION_TYPES: Record<string, [Check, string]> = {
+  hostname: [isString, 'a cluster endpoint name'],
+  port: [either(isNumber, isString), 'a TCP port number'],
+  region: [isString, 'an AWS region name such as "us-east-1"'],
+  user: [isString, 'a role name'],
+  username: [isString, 'a role name'],
+  database: [isString, 'a database name ("postgres")'],
+  db: [isString, 'a database name ("postgres")'],
+  schema: [either(isString, (v) => v === false), 'a schema name or false'],
+  onconnect: [isFunction, 'a function (session) => ...'],
+  tokenDurationSecs: [isNumber, 'a number of seconds'],
+  customCredentialsProvider: [either(isObject, isFunction), 'AWS credentials or a provider function'],
+  credentials: [either(isObject, isFunction), 'AWS credentials or a provider function'],
+  profile: [isString, 'a profile name'],
+  ssl: [either(isBoolean, isString, isObject), 'true, a mode such as "verify-full", or a tls options object'],
+  sslrootcert: [isString, 'the path of a PEM file'],
+  sslnegotiation: [isString, '"direct" or "postgres"'],
+  hostaddr: [isString, 'a host name or IP address'],
+  retry: [either(isBoolean, isObject), 'true, false or { maxRetries, baseDelayMs, maxDelayMs, jitterFactor, deadlineMs }'],
+  logger: [isObject, 'an object with debug, warn and error functions'],
+  // postgres.js's own options: it takes them as given, so a string where a number belongs breaks it.
+  max: [isNumber, 'a number of connections'],
+  idle_timeout: [either(isNumber, isNull), 'a number of seconds or null'],
+  connect_timeout: [isNumber, 'a number of seconds'],
+  max_lifetime: [either(isNumber, isNull, isFunction), 'a number of seconds, null or a function'],
+  max_pipeline: [isNumber, 'a number of queries'],
+  backoff: [either(isNumber, isFunction), 'a number of seconds or a function'],
+  keep_alive: [either(isNumber, isNull), 'a number of seconds or null'],
+  prepare: [isBoolean, 'true or false'],
+  fetch_types: [isBoolean, 'true or false'],
+  debug: [either(isBoolean, isFunction), 'true, false or a function'],
+  publications: [isString, 'a publication name'],
+  target_session_attrs: [either(isString, isNull), 'a session attribute such as "read-write"'],
+  transform: [either(isObject, isFunction), 'a transform such as postgres.camel'],
+  types: [isObject, 'an object of custom types'],
+  connection: [isObject, 'an object of startup parameters'],
+  onnotice: [isFunction, 'a function'],
+  onparameter: [isFunction, 'a function'],
+  onclose: [isFunction, 'a function'],
+}
+
+const LOGGER_LEVELS = ['debug', 'warn', 'error']
+
+/** Every option of a wrong type is a DsqlConfigError here, never a TypeError deep inside. */
+function checkOptions(raw: Record<string, unknown>): void {
+  if (Array.isArray(raw.host) || Array.isArray(raw.hostname)) throw hostList()
+  if (raw.host !== undefined && typeof raw.host !== 'string') throw typeError('host', raw.host, 'a cluster endpoint name')
+  for (const [name, [check, expected]] of Object.entries(OPTION_TYPES)) {
+    const value = raw[name]
+    if (value !== undefined && !check(value)) throw typeError(name, value, expected)
+  }
+  const logger = raw.logger as Record<string, unknown> | undefined
+  for (const level of LOGGER_LEVELS)
+    if (logger && logger[level] !== undefined && typeof logger[level] !== 'function') throw typeError(`logger.${level}`, logger[level], 'a function')
+  const connection = raw.connection as Record<string, unknown> | undefined
+  for (const [key, value] of Object.entries(connection ?? {}))
+    if (value !== undefined && value !== null && !['string', 'number', 'boolean'].includes(typeof value))
+      throw typeError(`connection.${key}`, value, 'a string, number or boolean startup parameter')
+  if (typeof raw.retry === 'object') checkRetry(raw.retry as Record<string, unknown>)
+  for (const name of ['customCredentialsProvider', 'credentials']) {
+    const given = raw[name] as Record<string, unknown> | undefined
+    if (isObject(given) && (typeof given?.accessKeyId !== 'string' || typeof given?.secretAccessKey !== 'string'))
+      throw new DsqlConfigError(`\`${name}\` must have string accessKeyId and secretAccessKey (and sessionToken for temporary credentials), or be a provider function.`)
+  }
+  if (raw.max !== undefined && !(Number.isInteger(raw.max) && (raw.max as number) >= 1))
+    throw typeError('max', raw.max, 'a whole number of connections, 1 or more')
+}
+
+const RETRY_LIMITS: Record<string, [number, number]> = {
+  maxRetries: [0, Infinity],
+  baseDelayMs: [0, Infinity],
+  maxDelayMs: [0, Infinity],
+  jitterFactor: [0, 1],
+  deadlineMs: [0, Infinity],
+}
+
+/** Also for a call's own retry settings (`sql.begin(fn, { ... })`). */
+export function checkRetry(retry: Record<string, unknown>): void {
+  for (const [key, value] of Object.entries(retry)) {
+    const limits = RETRY_LIMITS[key]
+    if (!limits) throw new DsqlConfigError(`\`retry.${key}\` is not a retry setting: use ${Object.keys(RETRY_LIMITS).join(', ')}.`)
+    if (value === undefined) continue
+    if (typeof value !== 'number' || Number.isNaN(value) || value < limits[0] || value > limits[1])
+      throw typeError(`retry.${key}`, value, limits[1] === 1 ? 'a number from 0 to 1' : 'a number, 0 or more')
+  }
+}
+
+function typeError(name: string, value: unknown, expected: string): DsqlConfigError {
+  return new DsqlConfigError(`\`${name}\` must be ${expected}, not ${describeValue(value)}.`)
+}
+
+/** What was given, without its content: an option may hold a secret. */
+function describeValue(value: unknown): string {
+  if (Array.isArray(value)) return 'an array'
+  if (value === null) return 'null'
+  if (typeof value === 'string') return value.length <= 40 && !/[A-Za-z0-9/+=]{32,}/.test(value) ? `the string "${value}"` : 'a string'
+  if (typeof value === 'number') return `the number ${value}`
+  return typeof value === 'object' ? 'an object' : `a ${typeof value}`
 }
 
 function passwordError(): DsqlConfigError {
@@ -189,20 +306,31 @@ function passwordError(): DsqlConfigError {
 function resolveHost(given: string | undefined, optRegion: string | undefined, env: NodeJS.ProcessEnv, profile: string | undefined) {
   if (!given) throw new DsqlConfigError('No DSQL endpoint: pass `host` (e.g. "<cluster-id>.dsql.us-east-1.on.aws") or set PGHOST.')
   const host = given.trim().toLowerCase().replace(/\.$/, '')
-  if (host.includes(',')) throw new DsqlConfigError(`Multiple hosts ("${given}") are not supported: a DSQL endpoint is one host name.`)
+  if (host.includes(',')) throw hostList()
+  if (isIP(host) || host === 'localhost' || host.endsWith('.localhost'))
+    throw new DsqlConfigError(
+      `\`host\` must be the cluster's endpoint name, not "${given}": the token and the certificate check are for that name. ` +
+        `To connect through ${given} (a tunnel, a proxy, the local stand-in), keep \`host\` the endpoint and set \`hostaddr: '${given}'\`.`,
+    )
   if (host.includes('/') || host.includes(':'))
     throw new DsqlConfigError(`\`host\` must be a bare host name, not "${given}": give the port as \`port\` and a URL as the first argument.`)
   if (optRegion !== undefined && !REGION.test(optRegion))
-    throw new DsqlConfigError(`\`region\` "${optRegion}" is not an AWS region name such as "us-east-1".`)
+    throw new DsqlConfigError(`\`region\` must be an AWS region name such as "us-east-1", not ${describeValue(optRegion)}.`)
 
   const match = ENDPOINT.exec(host)
+  const shaped = DSQL_SHAPED.exec(host)
+  if (!match && shaped && optRegion === undefined) {
+    const wrong = CLUSTER_ID.test(shaped[1]) ? 'its region part is not an AWS region' : `"${shaped[1]}" is not a cluster id (26 lowercase letters and digits)`
+    throw new DsqlConfigError(
+      `\`host\` "${given}" is not a DSQL endpoint: ${wrong}. Check it against <cluster-id>.dsql.<region>.on.aws ` +
+        '(for a name that is not a cluster endpoint, such as a proxy, pass `region` too).',
+    )
+  }
   if (match) {
     if (optRegion && optRegion !== match[2])
       throw new DsqlConfigError(`\`region\` "${optRegion}" contradicts the endpoint's region "${match[2]}": drop \`region\` or fix the host.`)
     return { host, clusterId: match[1], region: match[2] }
   }
-  if (isIP(host))
-    throw new DsqlConfigError(`\`host\` must be the cluster's endpoint name, not an address ("${given}"): put the address in \`hostaddr\`.`)
   const region = optRegion ?? envRegion(env, profile)
   if (!host.includes('.')) {
     if (!CLUSTER_ID.test(host))
@@ -214,6 +342,10 @@ function resolveHost(given: string | undefined, optRegion: string | undefined, e
   }
   if (!region) throw noRegion(given)
   return { host, clusterId: undefined, region }
+}
+
+function hostList(): DsqlConfigError {
+  return new DsqlConfigError('`host` is one cluster endpoint: lists of hosts (multi-Region) are not supported yet. Pass one endpoint name as a string.')
 }
 
 function noRegion(given: string): DsqlConfigError {
@@ -288,16 +420,24 @@ function nonEmpty(value: string | undefined, name: string): string | undefined {
 
 type SslOption = DsqlOptions['ssl'] | 'disable' | 'false' | 'true'
 
-/** postgres.js's `ssl` forms, mapped to node:tls options; everything verifies unless told not to. */
+/** postgres.js's string modes: all verify the chain and the host name (see README, TLS). */
+const SSL_MODES = new Set<unknown>([undefined, true, 'true', 'require', 'prefer', 'allow', 'verify-ca', 'verify-full'])
+
+/**
+ * postgres.js's `ssl` forms, mapped to node:tls options. DSQL always requires TLS and its
+ * certificate always names the endpoint, so every mode verifies both: 'require'/'prefer'/'allow'
+ * have no plaintext to fall back to, and 'verify-ca' loses nothing by checking the name too.
+ * Only a tls options object can turn verification off, on purpose.
+ */
 function resolveTls(ssl: SslOption, rootcert: string | undefined, host: string): ConnectionOptions {
   const base: ConnectionOptions = { servername: host, minVersion: 'TLSv1.2', ...readRootCert(rootcert) }
   if (ssl === false || ssl === 'disable' || ssl === 'false')
     throw new DsqlConfigError('DSQL requires TLS: remove `ssl: false` / `sslmode=disable` (TLS is verified by default).')
-  if (ssl === undefined || ssl === true || ssl === 'true' || ssl === 'verify-full') return { ...base, rejectUnauthorized: true }
-  if (ssl === 'verify-ca') return { ...base, rejectUnauthorized: true, checkServerIdentity: () => undefined }
-  if (ssl === 'require' || ssl === 'allow' || ssl === 'prefer') return { ...base, rejectUnauthorized: false }
+  if (SSL_MODES.has(ssl)) return { ...base, rejectUnauthorized: true }
   if (typeof ssl === 'object' && ssl !== null) return { ...base, ...ssl }
-  throw new DsqlConfigError(`\`ssl\` "${String(ssl)}" is not one of true, "verify-full", "verify-ca", "require" or a tls options object.`)
+  throw new DsqlConfigError(
+    `\`ssl\` "${String(ssl)}" is not a TLS mode: use true, "verify-full", "verify-ca", "require", "prefer", "allow" (all verified) or a tls options object.`,
+  )
 }
 
 function readRootCert(path: string | undefined): ConnectionOptions {

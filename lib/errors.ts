@@ -2,7 +2,8 @@
 export class DsqlError extends Error {
   readonly code: string
   constructor(code: string, message: string, options?: { cause?: unknown }) {
-    super(message, options)
+    // Messages quote other messages ("failed: <theirs>."): one full stop, not two.
+    super(message.replace(/([^.])\.\.(?=\s|$)/g, '$1.'), options)
     this.name = new.target.name
     this.code = code
   }

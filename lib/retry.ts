@@ -1,5 +1,5 @@
 import type postgres from 'postgres'
-import type { DsqlLogger, RetryOptions } from './config'
+import { checkRetry, definedOnly, type DsqlLogger, type RetryOptions } from './config'
 import { DsqlError } from './errors'
 
 /** Every attempt of an OCC-retried call conflicted; `cause` is the last conflict. */
@@ -29,8 +29,11 @@ export function isOccError(err: unknown): boolean {
 
 const DEFAULTS: Required<RetryOptions> = { maxRetries: 10, baseDelayMs: 20, maxDelayMs: 2000, jitterFactor: 1, deadlineMs: 30_000 }
 
+/** The defaults, overridden by each setting given; an `undefined` one keeps its default. */
 export function retrySettings(retry: boolean | RetryOptions | undefined): Required<RetryOptions> {
-  return { ...DEFAULTS, ...(typeof retry === 'object' ? retry : {}) }
+  if (typeof retry !== 'object' || retry === null) return { ...DEFAULTS }
+  checkRetry(retry as Record<string, unknown>)
+  return { ...DEFAULTS, ...definedOnly(retry) }
 }
 
 /**
@@ -74,7 +77,13 @@ export function withRetry<S extends { begin: unknown }>(sql: S, retry: boolean |
     const own = typeof last === 'boolean' || (typeof last === 'object' && last !== null) ? (args.pop() as boolean | RetryOptions) : undefined
     const settings = own ?? retry
     if (!settings) return begin(...args)
-    return retryOcc(() => begin(...args), retrySettings(settings), logger)
+    let resolved: Required<RetryOptions>
+    try {
+      resolved = retrySettings(settings)
+    } catch (err) {
+      return Promise.reject(err)
+    }
+    return retryOcc(() => begin(...args), resolved, logger)
   }
   return Object.assign(sql, { begin: wrapped })
 }

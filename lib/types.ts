@@ -1,22 +1,12 @@
 import { dirname, join } from 'node:path'
+import { ARRAY_TYPES } from './pg-types'
 
 /**
- * PostgreSQL 16's built-in element type oid -> array type oid. DSQL has no user-defined base
- * types, so this replaces postgres.js's per-connection `pg_type` query (about 3.6 round trips).
+ * Oids from here on are assigned by initdb (information_schema, system views), not fixed by the
+ * PostgreSQL release: a server whose catalog numbered them otherwise must not get its scalar
+ * values parsed as arrays, so their parsers take only array text.
  */
-const ARRAY_TYPES: ReadonlyArray<readonly [number, number]> = [
-  [16, 1000], [17, 1001], [18, 1002], [19, 1003], [20, 1016], [21, 1005], [22, 1006], [23, 1007],
-  [24, 1008], [25, 1009], [26, 1028], [27, 1010], [28, 1011], [29, 1012], [30, 1013], [114, 199],
-  [142, 143], [600, 1017], [601, 1018], [602, 1019], [603, 1020], [604, 1027], [628, 629],
-  [650, 651], [700, 1021], [701, 1022], [718, 719], [774, 775], [790, 791], [829, 1040], [869, 1041],
-  [1033, 1034], [1042, 1014], [1043, 1015], [1082, 1182], [1083, 1183], [1114, 1115], [1184, 1185],
-  [1186, 1187], [1266, 1270], [1560, 1561], [1562, 1563], [1700, 1231], [1790, 2201], [2202, 2207],
-  [2203, 2208], [2204, 2209], [2205, 2210], [2206, 2211], [2275, 1263], [2950, 2951], [2970, 2949],
-  [3220, 3221], [3614, 3643], [3615, 3645], [3642, 3644], [3734, 3735], [3769, 3770], [3802, 3807],
-  [3904, 3905], [3906, 3907], [3908, 3909], [3910, 3911], [3912, 3913], [3926, 3927], [4072, 4073],
-  [4089, 4090], [4096, 4097], [4191, 4192], [4451, 6150], [4532, 6151], [4533, 6152], [4534, 6153],
-  [4535, 6155], [4536, 6157], [5038, 5039], [5069, 271],
-]
+const FIRST_INITDB_OID = 12000
 
 type Handler = ((value: never) => unknown) & { array?: boolean }
 
@@ -62,9 +52,19 @@ export function installArrayTypes(options: PgTypeOptions): void {
     if (options.parsers[typarray] && options.serializers[typarray]) continue
     const parser = options.parsers[oid]
     options.shared.typeArrayMap[oid] = typarray
-    const parse: Handler = (xs: never) => found.arrayParser(xs, parser, typarray)
-    parse.array = true
-    options.parsers[typarray] = parse
+    options.parsers[typarray] = typarray < FIRST_INITDB_OID ? arrayParse(found, parser, typarray) : guardedParse(found, parser, typarray)
     options.serializers[typarray] = (xs: never) => found.arraySerializer(xs, options.serializers[oid], options, typarray)
   }
+}
+
+/** As postgres.js does it: `array` tells it to pass the text without its leading `{`. */
+function arrayParse(found: ArrayCodecs, parser: Handler | undefined, typarray: number): Handler {
+  const parse: Handler = (xs: never) => found.arrayParser(xs, parser, typarray)
+  parse.array = true
+  return parse
+}
+
+/** Sees the whole text, and parses only array text (`{...}`); anything else stays a string. */
+function guardedParse(found: ArrayCodecs, parser: Handler | undefined, typarray: number): Handler {
+  return (x: never) => (typeof x === 'string' && (x as string)[0] === '{' ? found.arrayParser((x as string).slice(1), parser, typarray) : x)
 }
