@@ -20,7 +20,8 @@ const tsBlocks = blocks.filter((b) => b.lang === 'ts')
 function script(code: string): string {
   const lines = code.replace(/'postgres-dsql\/(\w+)'/g, (_, sub: string) => `'${join(root, 'lib', sub)}'`).replace(/'postgres-dsql'/g, `'${join(root, 'lib')}'`).split('\n')
   const imports = lines.filter((l) => l.startsWith('import '))
-  const body = lines.filter((l) => !l.startsWith('import ')).map((line) => {
+  // A module's `export const handler = ...` runs as a local inside main().
+  const body = lines.filter((l) => !l.startsWith('import ')).map((l) => l.replace(/^export (?=const |async function |function )/, '')).map((line) => {
     const m = /^(\s*)console\.log\((.*)\) \/\/ (.*)$/.exec(line)
     if (!m) return line
     try {

@@ -1,7 +1,9 @@
 /** Both samples against the stand-in, as admin and as a non-admin role (like test_example.py). */
+import { execFile } from 'node:child_process'
+import { join } from 'node:path'
 import { example } from '../samples/example'
 import { pool } from '../samples/pool'
-import { connectOptions } from './helpers/target'
+import { connectOptions, target } from './helpers/target'
 
 let logs: string[] = []
 beforeEach(() => {
@@ -24,3 +26,21 @@ test.each(['admin', 'appuser'])('samples/pool.ts as %s', async (user) => {
     'Three concurrent transactions incremented the counter to 3',
   ])
 })
+
+test.each(['example', 'pool'])('samples/%s.ts run as a script ends its sql and exits by itself', async (name) => {
+  const t = target()
+  const env: NodeJS.ProcessEnv = {
+    ...process.env,
+    CLUSTER_ENDPOINT: t.host, CLUSTER_USER: 'appuser', PGHOSTADDR: t.hostaddr, PGPORT: String(t.port), PGSSLROOTCERT: t.caFile,
+    AWS_ACCESS_KEY_ID: t.credentials.accessKeyId, AWS_SECRET_ACCESS_KEY: t.credentials.secretAccessKey, AWS_REGION: t.region,
+  }
+  delete env.AWS_PROFILE
+  delete env.AWS_SESSION_TOKEN
+  const script = [join(__dirname, 'helpers', 'register-ts.js'), join(__dirname, '..', 'samples', `${name}.ts`)]
+  // A script that forgot sql.end() would still be running when the timeout kills it (no exit code).
+  const result = await new Promise<{ code: number | string | null; stdout: string }>((done) =>
+    execFile(process.execPath, ['-r', ...script], { env, timeout: 60_000 }, (err, stdout) =>
+      done({ code: err ? ((err as { code?: number | string }).code ?? null) : 0, stdout })),
+  )
+  expect(result).toEqual({ code: 0, stdout: expect.stringContaining(`${name}: ok`) })
+}, 90_000)

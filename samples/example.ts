@@ -41,6 +41,7 @@ export async function example(options: DsqlOptions): Promise<void> {
     await sql`delete from owner where id = ${row.id}`
     await sql`drop table owner`
   } finally {
+    // A script must end its sql: the pool's open connection would keep Node running.
     await sql.end()
   }
 }
