@@ -3,7 +3,7 @@
 const { writeFileSync, existsSync } = require('node:fs')
 const { join } = require('node:path')
 
-for (const entry of ['index', 'local/index']) {
+for (const entry of ['index', 'local/index', 'jest/setup', 'jest/teardown', 'vitest']) {
   const file = join(__dirname, '..', 'dist', entry + '.js')
   if (!existsSync(file)) continue
   const names = Object.keys(require(file)).filter((name) => name !== 'default' && name !== '__esModule')
