@@ -11,6 +11,8 @@ import { DsqlConfigError } from '../lib'
 import { loadTestOptions, startTestDsql } from '../lib/testing'
 
 const root = resolve(__dirname, '..')
+/** The README's declaration that types vitest's inject('postgresDsql'). */
+const README_VITEST_TYPES = /```typescript\n(declare module 'vitest'[\s\S]*?)```/.exec(readFileSync(join(root, 'README.md'), 'utf8'))?.[1] ?? 'README has no vitest declaration'
 let scratch: string
 
 function run(cmd: string, args: string[], cwd: string, env: NodeJS.ProcessEnv = process.env): Promise<{ code: number; output: string; pid?: number }> {
@@ -104,14 +106,18 @@ function expectNothingLeft(tmp: string, seen: Report[]): void {
   expect(processesUnder(tmp)).toEqual([])
 }
 
-test("preset: 'postgres-dsql' gives every jest worker a stand-in reached through the environment", async () => {
-  const app = join(scratch, 'jest-app')
-  const tmp = join(scratch, 'jest-tmp')
+test.each([
+  ["preset: 'postgres-dsql'", 'preset', `{ preset: 'postgres-dsql', transform: {} }`],
+  // Beside another preset (ts-jest's, for one): the same through globalSetup and globalTeardown.
+  ["globalSetup: 'postgres-dsql/jest/setup'", 'explicit', `{ globalSetup: 'postgres-dsql/jest/setup', globalTeardown: 'postgres-dsql/jest/teardown', transform: {} }`],
+])('%s gives every jest worker a stand-in reached through the environment', async (_name, dir, config) => {
+  const app = join(scratch, `jest-${dir}`)
+  const tmp = join(scratch, `jest-${dir}-tmp`)
   mkdirSync(app)
   mkdirSync(tmp)
   writeFileSync(join(app, 'package.json'), JSON.stringify({ name: 'jest-app', private: true, 'postgres-dsql': { roles: ['appuser'], setupSql: 'schema.sql' } }))
   writeFileSync(join(app, 'schema.sql'), SEED)
-  writeFileSync(join(app, 'jest.config.js'), `module.exports = { preset: 'postgres-dsql', transform: {} }\n`)
+  writeFileSync(join(app, 'jest.config.js'), `module.exports = ${config}\n`)
   for (const name of ['one', 'two'])
     writeFileSync(
       join(app, `${name}.test.js`),
@@ -122,7 +128,7 @@ test('reaches the stand-in', async () => {${checks(name)}})
 `,
     )
   const jest = join(root, 'node_modules', 'jest', 'bin', 'jest.js')
-  const { code, output, pid } = await run(process.execPath, [jest, '--ci', '--maxWorkers=2', '--cacheDirectory', join(scratch, 'jest-cache'), '--json', '--outputFile=results.json'], app, childEnv(tmp))
+  const { code, output, pid } = await run(process.execPath, [jest, '--ci', '--maxWorkers=2', '--cacheDirectory', join(scratch, `jest-${dir}-cache`), '--json', '--outputFile=results.json'], app, childEnv(tmp))
   if (code !== 0) throw new Error(`scratch jest failed (exit ${code}):\n${output}`)
   const results = JSON.parse(readFileSync(join(app, 'results.json'), 'utf8')) as { numPassedTests: number; numFailedTests: number }
   expect(results).toMatchObject({ numPassedTests: 2, numFailedTests: 0 })
@@ -145,7 +151,7 @@ test("globalSetup: 'postgres-dsql/vitest' provides the stand-in to vitest throug
   writeFileSync(join(app, 'package.json'), JSON.stringify({ name: 'vitest-app', private: true, type: 'module' }))
   writeFileSync(join(app, 'postgres-dsql.config.json'), JSON.stringify({ roles: ['appuser'], setupSql: 'schema.sql' }))
   writeFileSync(join(app, 'schema.sql'), SEED)
-  writeFileSync(join(app, 'vitest.config.js'), `export default { test: { globalSetup: ['postgres-dsql/vitest'], pool: 'forks' } }\n`)
+  writeFileSync(join(app, 'vitest.config.js'), `export default { test: { globalSetup: ['postgres-dsql/vitest'] } }\n`)
   for (const name of ['one', 'two'])
     writeFileSync(
       join(app, `${name}.test.js`),
@@ -157,6 +163,7 @@ test('reaches the stand-in', async () => {
   const target = inject('postgresDsql')
   expect(target.host).toBe(process.env.CLUSTER_ENDPOINT)
   expect(target.port).toBe(Number(process.env.PGPORT))
+  expect(Object.keys(target).sort()).toEqual(['caFile', 'credentials', 'env', 'host', 'hostaddr', 'iamArn', 'port', 'region'])
 ${checks(name)}})
 `,
     )
@@ -171,6 +178,18 @@ ${checks(name)}})
   expect(new Set(seen.map((r) => r.endpoint)).size).toBe(1)
   for (const r of seen) expect(r).toMatchObject({ profile: null, sessionToken: null })
   expectNothingLeft(tmp, seen)
+
+  // The README's declaration types inject('postgresDsql') (here under node16 ESM): a wrong type must not compile.
+  writeFileSync(join(app, 'types.ts'), `import type { DsqlTestTarget } from 'postgres-dsql/vitest'
+import { inject } from 'vitest'
+${README_VITEST_TYPES}
+export const host: string = inject('postgresDsql').host
+export const wrong: number = inject('postgresDsql').caFile
+`)
+  const tsc = join(root, 'node_modules', 'typescript', 'bin', 'tsc')
+  const typed = await run(process.execPath, [tsc, '--noEmit', '--strict', '--skipLibCheck', '--module', 'nodenext', '--moduleResolution', 'nodenext', '--typeRoots', join(root, 'node_modules', '@types'), '--types', 'node', 'types.ts'], app)
+  expect(typed.output).toMatch(/types\.ts\(\d+,14\): error TS2322: Type 'string' is not assignable to type 'number'/)
+  expect(typed.output.trim().split('\n')).toHaveLength(1)
 }, 240_000)
 })
 

@@ -2,17 +2,9 @@
  * `globalSetup: 'postgres-dsql/vitest'`: one local DSQL stand-in for the whole run. Test files
  * reach it through the environment (`dsql()`) or `inject('postgresDsql')`.
  */
-import type {} from 'vitest'
 import { startTestDsql, type DsqlTestTarget } from './testing'
 
 export type { DsqlTestOptions, DsqlTestTarget } from './testing'
-
-// Types `inject('postgresDsql')` in test files.
-declare module 'vitest' {
-  export interface ProvidedContext {
-    postgresDsql: DsqlTestTarget
-  }
-}
 
 /** What vitest passes to a global setup (its TestProject), as far as used here. */
 export interface GlobalSetupContext {
