@@ -51,6 +51,8 @@ function run(file: string): Promise<{ code: number; output: string }> {
     ...process.env,
     CLUSTER_ENDPOINT: t.host, PGHOSTADDR: t.hostaddr, PGPORT: String(t.port), PGSSLROOTCERT: t.caFile,
     AWS_ACCESS_KEY_ID: t.credentials.accessKeyId, AWS_SECRET_ACCESS_KEY: t.credentials.secretAccessKey, AWS_REGION: t.region,
+    // Blocks import the ORMs (dev dependencies) from a temporary directory.
+    NODE_PATH: join(root, 'node_modules'),
   }
   delete env.AWS_PROFILE
   delete env.AWS_SESSION_TOKEN

@@ -1,0 +1,134 @@
+/**
+ * What the jest preset and the vitest global setup share: read the options, start one local
+ * DSQL stand-in, prepare its database, and point this process's environment (inherited by the
+ * test workers) at it, so that `dsql()` and `dsql({ host: process.env.CLUSTER_ENDPOINT })` reach it.
+ */
+import { existsSync, readFileSync } from 'node:fs'
+import { isAbsolute, join, resolve } from 'node:path'
+import dsql from './index'
+import { DsqlConfigError } from './errors'
+import { startLocalDsql, type LocalDsqlDialectOptions, type LocalDsqlOptions } from './local'
+import { splitStatements } from './local/lexer'
+
+/** Options of `preset: 'postgres-dsql'` and `globalSetup: 'postgres-dsql/vitest'`. */
+export interface DsqlTestOptions {
+  /** Non-admin roles to create, each able to log in and use `myschema`. */
+  roles?: string[]
+  /** DSQL's dialect (default on), its per-transaction limits, or `false` for plain PostgreSQL. */
+  dialect?: boolean | LocalDsqlDialectOptions
+  region?: string
+  clusterId?: string
+  maxConnections?: number
+  maxConnectionDurationSecs?: number
+  connectionRate?: { perSecond: number; burst: number }
+  latencyMs?: number
+  lockTimeoutMs?: number
+  /** A SQL file applied as admin before the tests, one statement at a time (DSQL: one DDL per transaction). */
+  setupSql?: string
+}
+
+/** The running stand-in, as test files see it (vitest: `inject('postgresDsql')`). */
+export interface DsqlTestTarget {
+  host: string
+  hostaddr: string
+  port: number
+  region: string
+  caFile: string
+  credentials: { accessKeyId: string; secretAccessKey: string }
+  iamArn: string
+  /** The variables set for the test workers. */
+  env: Record<string, string>
+}
+
+export const CONFIG_FILES = ['postgres-dsql.config.js', 'postgres-dsql.config.cjs', 'postgres-dsql.config.json']
+const KEYS = new Set(['roles', 'dialect', 'region', 'clusterId', 'maxConnections', 'maxConnectionDurationSecs', 'connectionRate', 'latencyMs', 'lockTimeoutMs', 'setupSql'])
+/** A developer's own AWS setup must not decide which keys the tests sign with. */
+const CLEARED = ['AWS_PROFILE', 'AWS_SESSION_TOKEN', 'AWS_DEFAULT_PROFILE']
+
+/** The options in `dir`: a `postgres-dsql.config.{js,cjs,json}` file, else package.json's `"postgres-dsql"` key, else none. */
+export function loadTestOptions(dir: string): DsqlTestOptions {
+  const file = CONFIG_FILES.map((name) => join(dir, name)).find((path) => existsSync(path))
+  if (file) return checkOptions(loadFile(file), file)
+  const pkg = join(dir, 'package.json')
+  if (!existsSync(pkg)) return {}
+  const own = (JSON.parse(readFileSync(pkg, 'utf8')) as Record<string, unknown>)['postgres-dsql']
+  return own === undefined ? {} : checkOptions(own, `${pkg} ("postgres-dsql")`)
+}
+
+function loadFile(file: string): unknown {
+  if (file.endsWith('.json')) return JSON.parse(readFileSync(file, 'utf8'))
+  try {
+    const loaded = require(file) as { default?: unknown }
+    return loaded && typeof loaded === 'object' && 'default' in loaded ? loaded.default : loaded
+  } catch (err) {
+    if ((err as { code?: string }).code === 'ERR_REQUIRE_ESM')
+      throw new DsqlConfigError(`${file} is an ES module: name it postgres-dsql.config.cjs (module.exports = {...}) or use postgres-dsql.config.json.`)
+    throw err
+  }
+}
+
+function checkOptions(value: unknown, where: string): DsqlTestOptions {
+  if (!value || typeof value !== 'object' || Array.isArray(value)) throw new DsqlConfigError(`${where}: expected an object of options, got ${JSON.stringify(value)}.`)
+  for (const key of Object.keys(value)) {
+    if (key === 'migrations') throw new DsqlConfigError(`${where}: \`migrations\` is not supported yet; apply a SQL file with \`setupSql\`.`)
+    if (!KEYS.has(key)) throw new DsqlConfigError(`${where}: unknown option \`${key}\`; known: ${[...KEYS].join(', ')}.`)
+  }
+  const options = value as DsqlTestOptions
+  if (options.setupSql !== undefined && (typeof options.setupSql !== 'string' || !options.setupSql))
+    throw new DsqlConfigError(`${where}: \`setupSql\` must be the path of a SQL file, got ${JSON.stringify(options.setupSql)}.`)
+  return options
+}
+
+/**
+ * Starts the stand-in for a test run whose project lives in `dir`, prepares its database and
+ * sets the environment; the returned `stop` stops it and restores the environment.
+ */
+export async function startTestDsql(dir: string): Promise<{ target: DsqlTestTarget; stop: () => Promise<void> }> {
+  const { setupSql, ...options } = loadTestOptions(dir)
+  const local = await startLocalDsql(options satisfies LocalDsqlOptions)
+  const saved = Object.fromEntries([...Object.keys(local.env), ...CLEARED].map((name) => [name, process.env[name]]))
+  const stop = async () => {
+    for (const [name, value] of Object.entries(saved)) {
+      if (value === undefined) delete process.env[name]
+      else process.env[name] = value
+    }
+    await local.stop()
+  }
+  try {
+    await prepareDatabase(local, { setupSql: setupSql && (isAbsolute(setupSql) ? setupSql : resolve(dir, setupSql)) })
+  } catch (err) {
+    await local.stop()
+    throw err
+  }
+  for (const name of CLEARED) delete process.env[name]
+  Object.assign(process.env, local.env)
+  const { host, hostaddr, port, region, caFile, iamArn, credentials } = local
+  const target = { host, hostaddr, port, region, caFile, iamArn, credentials: { accessKeyId: credentials.accessKeyId, secretAccessKey: credentials.secretAccessKey }, env: local.env }
+  return { target, stop }
+}
+
+type Local = Awaited<ReturnType<typeof startLocalDsql>>
+
+/**
+ * Brings the new database to what the tests expect. Hook point: a migrations directory (applied
+ * by `postgres-dsql/migrate`) belongs here, after the SQL file.
+ */
+async function prepareDatabase(local: Local, { setupSql }: { setupSql?: string }): Promise<void> {
+  if (!setupSql) return
+  if (!existsSync(setupSql)) throw new DsqlConfigError(`setupSql: no file ${setupSql}.`)
+  const text = readFileSync(setupSql, 'utf8')
+  const sql = dsql({ host: local.host, hostaddr: local.hostaddr, port: local.port, sslrootcert: local.caFile, credentials: local.credentials, max: 1 })
+  try {
+    const statements = splitStatements(text)
+    for (const [i, { start, end }] of statements.entries()) {
+      try {
+        await sql.unsafe(text.slice(start, end))
+      } catch (err) {
+        const line = text.slice(0, start).split('\n').length
+        throw new DsqlConfigError(`setupSql: statement ${i + 1} of ${setupSql} (line ${line}) failed: ${err instanceof Error ? err.message : String(err)}`)
+      }
+    }
+  } finally {
+    await sql.end()
+  }
+}
