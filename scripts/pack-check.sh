@@ -120,4 +120,24 @@ if (applied.length !== 0) throw new Error('applied again: ' + applied)
 console.log('migrate: ok')
 JS
 node migrate.mjs
+# The jest preset from the installed package: a scratch project whose workers reach its stand-in.
+mkdir jest-app && cd jest-app
+echo '{ "name": "jest-app", "private": true, "postgres-dsql": { "roles": ["appuser"] } }' > package.json
+echo "module.exports = { preset: 'postgres-dsql', transform: {} }" > jest.config.js
+cat > preset.test.js <<'JS'
+const { dsql } = require('postgres-dsql')
+test('reaches the stand-in of the preset', async () => {
+  const sql = dsql({ user: 'appuser' })
+  const [r] = await sql`select current_user as u, current_schema() as s`
+  await sql.end()
+  expect(r).toEqual({ u: 'appuser', s: 'myschema' })
+})
+JS
+NODE_PATH="$repo/node_modules" node "$repo/node_modules/jest/bin/jest.js" --ci
+cd ..
+for sub in jest/setup jest/teardown vitest; do
+  node -e "if (typeof require('postgres-dsql/$sub').default !== 'function') process.exit(1)"
+  node --input-type=module -e "if (typeof (await import('postgres-dsql/$sub')).default !== 'function') process.exit(1)"
+done
+echo "jest preset and test-runner entries: ok"
 echo "pack-check: ok ($tarball)"
