@@ -23,6 +23,7 @@ Commands:
   token   print an IAM auth token (like aws dsql generate-db-connect[-admin]-auth-token)
   psql    run psql against the cluster with a fresh token and verified TLS
   local   run a local DSQL stand-in and print the environment that reaches it
+  migrate apply ./migrations (or a directory) the way DSQL accepts them; see migrate --help
 
 Run postgres-dsql <command> --help for its options; postgres-dsql --version prints the version.`,
   token: `Usage: postgres-dsql token [options] [--expires-in SECS]

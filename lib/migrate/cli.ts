@@ -19,8 +19,8 @@ stopped and concurrent runs apply each statement once.
   --schema S          schema the statements run in (default: public for admin, myschema for others)
   --job-timeout SECS  longest wait for one index job (default 3600)
   --host, --user, --region, --profile, --hostaddr, --port, --sslrootcert
-                      as for the other commands; defaults from CLUSTER_ENDPOINT or PGHOST,
-                      CLUSTER_USER or PGUSER, PGHOSTADDR, PGPORT, PGSSLROOTCERT and the AWS chain.
+                      as for the other commands; defaults from PGHOST or CLUSTER_ENDPOINT,
+                      PGUSER or CLUSTER_USER, PGHOSTADDR, PGPORT, PGSSLROOTCERT and the AWS chain.
 
 Exit status: 0 applied (or nothing pending), 1 a statement failed or was refused, 2 bad usage.`
 
@@ -61,10 +61,10 @@ export async function runMigrateCli(argv: string[]): Promise<number> {
     jobTimeoutSecs: jobTimeout,
     log: (line) => out(line, 0),
   }
-  const host = values.host ?? process.env.CLUSTER_ENDPOINT ?? process.env.PGHOST
+  const host = values.host ?? (process.env.PGHOST || undefined) ?? (process.env.CLUSTER_ENDPOINT || undefined)
   const connection: DsqlOptions = definedOnly({
     host,
-    user: values.user ?? process.env.CLUSTER_USER ?? process.env.PGUSER,
+    user: values.user ?? (process.env.PGUSER || undefined) ?? (process.env.CLUSTER_USER || undefined),
     region: values.region,
     profile: values.profile,
     hostaddr: values.hostaddr,
