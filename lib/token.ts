@@ -1,9 +1,7 @@
-import { DsqlSigner } from '@aws-sdk/dsql-signer'
-import { defaultProvider } from '@aws-sdk/credential-provider-node'
-import { memoizeIdentityProvider, isIdentityExpired, doesIdentityRequireRefresh } from '@smithy/core'
 import type { AwsCredentialIdentity, AwsCredentialIdentityProvider } from '@smithy/types'
 import type { Credentials, DsqlConfig } from './config'
 import { DsqlCredentialsError } from './errors'
+import { presignDsqlToken } from './presign'
 
 export type Mint = () => Promise<string>
 
@@ -11,31 +9,81 @@ export type Mint = () => Promise<string>
  * One provider per `dsql()` call, memoized the way SDK clients do it: resolved once, refreshed
  * shortly before an expiring identity (SSO, assumed role, container) runs out.
  */
-export function credentialProvider(given: Credentials | undefined, profile: string | undefined): AwsCredentialIdentityProvider {
-  if (given === undefined) return defaultProvider(profile ? { profile } : {})
+export function credentialProvider(
+  given: Credentials | undefined,
+  profile: string | undefined,
+  env: NodeJS.ProcessEnv = process.env,
+): AwsCredentialIdentityProvider {
+  if (given === undefined) {
+    // The chain's first source when no profile is named (as in Lambda): no SDK to load.
+    if (!profile && env.AWS_ACCESS_KEY_ID && env.AWS_SECRET_ACCESS_KEY) return envProvider(env)
+    return lazyDefaultChain(profile)
+  }
   if (typeof given !== 'function') {
     const identity = given
     return async () => identity
   }
+  const { memoizeIdentityProvider, isIdentityExpired, doesIdentityRequireRefresh } = require('@smithy/core') as typeof import('@smithy/core')
   return memoizeIdentityProvider(given, isIdentityExpired, doesIdentityRequireRefresh) as AwsCredentialIdentityProvider
+}
+
+/** Providers that read the environment the way the SDK's `fromEnv` does: tokens are signed without the SDK. */
+const fromEnvironment = new WeakSet<AwsCredentialIdentityProvider>()
+
+/** The variables of the SDK's `fromEnv`, read at every call as it does. */
+function envProvider(env: NodeJS.ProcessEnv): AwsCredentialIdentityProvider {
+  const provider = async (): Promise<AwsCredentialIdentity> => {
+    const { AWS_ACCESS_KEY_ID: accessKeyId, AWS_SECRET_ACCESS_KEY: secretAccessKey } = env
+    if (!accessKeyId || !secretAccessKey) throw new Error('AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are no longer set')
+    const expiry = env.AWS_CREDENTIAL_EXPIRATION
+    return {
+      accessKeyId,
+      secretAccessKey,
+      ...(env.AWS_SESSION_TOKEN ? { sessionToken: env.AWS_SESSION_TOKEN } : {}),
+      ...(expiry ? { expiration: new Date(expiry) } : {}),
+    }
+  }
+  fromEnvironment.add(provider)
+  return provider
+}
+
+/** The SDK's Node chain, loaded on first use: a Lambda with environment keys never pays for it. */
+function lazyDefaultChain(profile: string | undefined): AwsCredentialIdentityProvider {
+  let chain: AwsCredentialIdentityProvider | undefined
+  return (params) => {
+    if (!chain) {
+      const { defaultProvider } = require('@aws-sdk/credential-provider-node') as typeof import('@aws-sdk/credential-provider-node')
+      chain = defaultProvider(profile ? { profile } : {})
+    }
+    return chain(params)
+  }
 }
 
 /** Returns a function that mints a fresh token for the configured host and action. */
 export function tokenMinter(config: DsqlConfig, credentials: AwsCredentialIdentityProvider): Mint {
-  const signer = new DsqlSigner({
-    hostname: config.host,
-    region: config.region,
-    credentials,
-    expiresIn: config.tokenDurationSecs,
-  })
-  const sign = config.action === 'DbConnectAdmin' ? () => signer.getDbConnectAdminAuthToken() : () => signer.getDbConnectAuthToken()
+  const sign = fromEnvironment.has(credentials)
+    ? (identity: AwsCredentialIdentity) =>
+        presignDsqlToken({ host: config.host, region: config.region, action: config.action, expiresIn: config.tokenDurationSecs, credentials: identity })
+    : sdkSigner(config, credentials)
   return async () => {
-    await checkedCredentials(credentials)
+    const identity = await checkedCredentials(credentials)
     try {
-      return await sign()
+      return await sign(identity)
     } catch (err) {
       throw new DsqlCredentialsError(`Could not sign the DSQL token: ${describe(err)}.`, redacted(err))
     }
+  }
+}
+
+/** `@aws-sdk/dsql-signer`, loaded with the first token: every credential source but the environment. */
+function sdkSigner(config: DsqlConfig, credentials: AwsCredentialIdentityProvider): (identity: AwsCredentialIdentity) => Promise<string> {
+  let signer: import('@aws-sdk/dsql-signer').DsqlSigner | undefined
+  return () => {
+    if (!signer) {
+      const { DsqlSigner } = require('@aws-sdk/dsql-signer') as typeof import('@aws-sdk/dsql-signer')
+      signer = new DsqlSigner({ hostname: config.host, region: config.region, credentials, expiresIn: config.tokenDurationSecs })
+    }
+    return config.action === 'DbConnectAdmin' ? signer.getDbConnectAdminAuthToken() : signer.getDbConnectAuthToken()
   }
 }
 
