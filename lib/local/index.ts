@@ -19,7 +19,7 @@ import { catalogSettings, catalogSql } from './catalog'
 import { makeCertificates, type Certificates } from './certs'
 import { onProcessExit } from './cleanup'
 import { Dialect } from './dialect'
-import { Gateway, LOOPBACK, type GatewayStats } from './gateway'
+import { Gateway, LOOPBACK, type GatewayFaults, type GatewayStats } from './gateway'
 import type { Limits } from './limits'
 import type { Logger } from './logger'
 import { startPostgres, SUPERUSER, type PostgresServer } from './postgres'
@@ -27,7 +27,7 @@ import type { DialectSettings } from './relay'
 import { ADMIN_USER, Keyring } from './sigv4'
 
 export type { Logger as LocalDsqlLogger } from './logger'
-export type { GatewayStats as LocalDsqlStats } from './gateway'
+export type { GatewayStats as LocalDsqlStats, GatewayFaults as LocalDsqlFaults } from './gateway'
 export type LocalDsqlLimits = Partial<Limits>
 
 /** DSQL's per-transaction limits, adjustable so that tests can reach them quickly. */
@@ -99,6 +99,8 @@ export interface LocalDsql {
   /** Changes limits for new connections (wakingUp: refuse them as a cluster waking up). */
   setLimits(limits: LocalDsqlLimits): void
   stats(): GatewayStats
+  /** Misbehaves on purpose for new connections, to test clients (see LocalDsqlFaults); {} turns it off. */
+  setFaults(faults: GatewayFaults): void
   /** Closes the listener and drops every client connection (a simulated outage); PostgreSQL keeps running. */
   stopGateway(): Promise<void>
   /** Listens again, on the same port. */
@@ -208,6 +210,7 @@ export async function startLocalDsql(options: LocalDsqlOptions = {}): Promise<Lo
     allowCredentials: (more) => keys.add(more),
     setLimits: (limits) => gateway.setLimits(limits),
     stats: () => gateway.stats(),
+    setFaults: (faults) => gateway.setFaults(faults),
     stopGateway: () => gateway.stop(),
     startGateway: async () => {
       if (stopping) throw new Error('This local DSQL stand-in was stopped.')
