@@ -1,75 +1,221 @@
-import type { Duplex } from 'node:stream'
-import type { DsqlConfig, DsqlLogger } from '../config'
+import { Duplex } from 'node:stream'
+import type { DsqlLogger } from '../config'
+import { DsqlConnectionError } from '../errors'
 import * as wire from '../wire'
-import { sendCancel } from './cancel'
-import type { Started } from './startup'
 
-type Write = (chunk: Buffer, ...rest: unknown[]) => boolean
-type Emit = (event: string | symbol, ...args: unknown[]) => boolean
+/** An open DSQL session, ready to be handed to postgres.js. */
+export interface Session {
+  /** The transport, paused, with nothing else reading it. */
+  stream: Duplex
+  /** What postgres.js reads first: the startup answer. */
+  replay: Buffer
+  /** Bytes already read after it, perhaps part of a message: they follow, in order. */
+  rest: Buffer
+  /** SQL to run ahead of postgres.js's first query (its reply is removed), or null. */
+  pipelined: string | null
+  /** Emit 'drain' after the replay: postgres.js hands a connection opened for reserve()/begin() over only then. */
+  drain: boolean
+}
+
+export interface Opener {
+  /** Opens the session this stream stands for (retries included); rejects with a typed error. */
+  open(signal: AbortSignal): Promise<Session>
+  /** Sends a CancelRequest on a connection of its own; never rejects (failures are logged). */
+  cancel(request: Buffer): Promise<void>
+  /** True once sql.end() was called. */
+  ending(): boolean
+  logger?: DsqlLogger
+  where: string
+}
+
+type State = 'new' | 'opening' | 'open' | 'failed' | 'done'
+
+/** ReadyForQuery, idle: after a failed open while the pool ends, it makes postgres.js terminate the connection. */
+const READY_IDLE = Buffer.from([0x5a, 0, 0, 0, 5, 0x49])
+const TERMINATE = 0x58
 
 /**
- * postgres.js writes its own StartupMessage first: answer it with the recorded startup reply.
- * When a schema is to be selected, its SET rides in front of postgres.js's first query (no extra
- * round trip) and its reply is removed from the stream. Then the stream is left untouched.
- * A CancelRequest instead goes out on a connection of its own, as the protocol wants.
+ * The stream postgres.js owns for one connection. Nothing is opened until postgres.js's first
+ * write says what it is for: a StartupMessage opens a DSQL session (answered with the recorded
+ * startup reply), a CancelRequest goes out on a bare TLS connection (no token, no startup, no
+ * pool slot). Then bytes pass through both ways, in order.
+ *
+ * How postgres.js learns of a failure matters (postgres.js 3.4.9, issues 1208/1133/1154): on
+ * 'close' it drops its socket and a query written after that (a transaction's ROLLBACK) crashes
+ * the process in nextWrite, or stays queued for the slot's next connection. So a lost session
+ * is reported as 'error' first (queries fail, ROLLBACKs are written here and swallowed) and as
+ * 'close' only a moment later, which fails whatever was written meanwhile.
  */
-export function handOver(stream: Duplex, { replay, pipelined }: Started, config: DsqlConfig, logger: DsqlLogger | undefined, drain: boolean): Duplex {
-  const write = stream.write as Write
-  stream.on('error', () => undefined)
-  const patched = stream as unknown as { write: Write }
-  patched.write = (chunk: Buffer, ...rest: unknown[]) => {
-    const callback = rest.find((x): x is () => void => typeof x === 'function')
-    if (wire.isCancelRequest(chunk)) {
-      Reflect.deleteProperty(stream, 'write')
-      sendCancel(chunk, stream, config)
-    } else if (pipelined) {
-      patched.write = (first: Buffer, ...more: unknown[]) => {
-        Reflect.deleteProperty(stream, 'write')
-        swallowReply(stream, logger)
-        return write.call(stream, Buffer.concat([wire.queryMessage(pipelined), first]), ...more)
-      }
-      replayStartup(stream, replay, drain)
-    } else {
-      Reflect.deleteProperty(stream, 'write')
-      replayStartup(stream, replay, drain)
-    }
-    if (callback) process.nextTick(callback)
-    return true
+export class Handover extends Duplex {
+  private state: State = 'new'
+  private transport: Duplex | null = null
+  private readonly abort = new AbortController()
+  /** The pipelined SET's reply is being removed from what postgres.js reads. */
+  private stripping: wire.Frames | null = null
+  private pipelined: string | null = null
+  private keepAlive: [boolean, number] | null = null
+  private ended = false
+
+  constructor(private readonly opener: Opener) {
+    super({ allowHalfOpen: false })
+    // Errors reach postgres.js through emitError (when it still listens); never unhandled here.
+    this.on('error', () => undefined)
   }
-  return stream
-}
 
-function replayStartup(stream: Duplex, replay: Buffer, drain: boolean) {
-  // Not synchronously: postgres.js is still inside its write call.
-  process.nextTick(() => {
-    stream.emit('data', replay)
-    // A no-op when the first query already went out; hands over a connection opened for reserve().
-    if (drain) stream.emit('drain')
+  /** postgres.js ends a socket only when it is 'open'. */
+  get readyState(): string {
+    return this.destroyed ? 'closed' : 'open'
+  }
+
+  setKeepAlive(enable = false, delay = 0): this {
+    this.keepAlive = [enable, delay]
+    const socket = this.transport as unknown as { setKeepAlive?: (e: boolean, d: number) => void } | null
+    socket?.setKeepAlive?.(enable, delay)
+    return this
+  }
+
+  override _write(chunk: Buffer, _encoding: BufferEncoding, callback: (error?: Error | null) => void): void {
+    switch (this.state) {
+      case 'new':
+        callback()
+        return wire.isCancelRequest(chunk) ? this.cancel(chunk) : this.open()
+      case 'open':
+        return this.send(chunk, callback)
+      case 'failed':
+        callback()
+        if (chunk[0] === TERMINATE) return
+        // postgres.js took the failed stream for an open connection: fail what it sent.
+        this.state = 'done'
+        this.emitError(new DsqlConnectionError(`The connection to ${this.opener.where} could not be opened.`, { retryable: true, code: 'CONNECTION_CLOSED' }))
+        return void this.destroy()
+      default:
+        // 'opening': postgres.js writes nothing before the startup answer but its Terminate.
+        callback()
+    }
+  }
+
+  override _read(): void {
+    this.transport?.resume()
+  }
+
+  override _final(callback: (error?: Error | null) => void): void {
+    this.ended = true
+    callback()
+    const transport = this.transport
+    if (transport && this.state === 'open') {
+      // Graceful: postgres.js's Terminate goes out before the FIN; the transport closes on its own.
+      transport.end()
+      setTimeout(() => transport.destroy(), 2000).unref()
+      this.transport = null
+    }
+    this.destroy()
+  }
+
+  override _destroy(error: Error | null, callback: (error?: Error | null) => void): void {
+    this.abort.abort()
+    this.transport?.destroy()
+    this.transport = null
+    callback(error)
+  }
+
+  private cancel(request: Buffer): void {
+    this.state = 'done'
+    // postgres.js resolves the cancel on 'close' and rejects it on 'error', often with no one
+    // listening (query.cancel()'s promise is commonly ignored): so a failure is logged, never emitted.
+    void this.opener.cancel(request).finally(() => {
+      this.push(null)
+      this.destroy()
+    })
+  }
+
+  private open(): void {
+    this.state = 'opening'
+    this.opener.open(this.abort.signal).then(
+      (session) => this.attach(session),
+      (error: Error) => this.failOpen(error),
+    )
+  }
+
+  private attach({ stream, replay, rest, pipelined, drain }: Session): void {
+    if (this.destroyed || this.ended) return void stream.destroy()
+    this.state = 'open'
+    this.transport = stream
+    if (this.keepAlive) this.setKeepAlive(...this.keepAlive)
+    this.pipelined = pipelined
+    // Framing starts at the hand-over, so that a message cut across reads is reassembled.
+    if (pipelined) this.stripping = new wire.Frames()
+    stream.on('data', (chunk: Buffer) => this.fromServer(chunk))
+    stream.on('error', (err: NodeJS.ErrnoException) => this.lost(err))
+    stream.on('close', () => this.lost())
+    this.push(replay)
+    if (rest.length) this.fromServer(rest)
+    // After postgres.js has read the replay (a push may be delivered a tick later).
+    if (drain) setImmediate(() => this.destroyed || this.emit('drain'))
     stream.resume()
-  })
-}
+  }
 
-/** Removes the pipelined SET's reply (CommandComplete/Error .. ReadyForQuery) from what postgres.js reads. */
-function swallowReply(stream: Duplex, logger: DsqlLogger | undefined) {
-  const frames = new wire.Frames()
-  const emit = stream.emit as Emit
-  const patched = stream as unknown as { emit: Emit }
-  patched.emit = (event: string | symbol, ...args: unknown[]) => {
-    if (event !== 'data') return emit.call(stream, event, ...args)
+  private failOpen(error: Error): void {
+    if (this.destroyed) return
+    this.state = 'failed'
+    this.emitError(error)
+    // The pool is ending and waits for this connection: an idle ReadyForQuery makes postgres.js
+    // terminate it (a close alone would leave sql.end() waiting forever).
+    if (this.opener.ending()) this.push(READY_IDLE)
+    else this.closeSoon()
+  }
+
+  private send(chunk: Buffer, callback: () => void): void {
+    const transport = this.transport
+    if (!transport) return callback()
+    if (this.pipelined) {
+      chunk = Buffer.concat([wire.queryMessage(this.pipelined), chunk])
+      this.pipelined = null
+    }
+    // Errors of the transport come through its 'error' event; a write is never failed here.
+    transport.write(chunk, () => callback())
+  }
+
+  private fromServer(chunk: Buffer): void {
+    if (this.stripping) chunk = this.strip(this.stripping, chunk)
+    if (chunk.length && !this.push(chunk)) this.transport?.pause()
+  }
+
+  /** Removes the pipelined SET's reply (CommandComplete/Error .. ReadyForQuery); keeps everything else, in order. */
+  private strip(frames: wire.Frames, chunk: Buffer): Buffer {
     const kept: Buffer[] = []
-    const messages = frames.push(args[0] as Buffer)
-    let done = false
-    for (const message of messages) {
+    for (const message of frames.push(chunk)) {
       const type = String.fromCharCode(message[0])
-      if (done || !'CEIZ'.includes(type)) kept.push(message)
-      else if (type === 'E') logger?.warn?.('dsql: selecting the schema failed', { message: wire.errorFields(message).M })
-      else if (type === 'Z') done = true
+      if (!this.stripping || !'CEIZ'.includes(type)) kept.push(message)
+      else if (type === 'E') this.opener.logger?.warn?.('dsql: selecting the schema failed', { message: wire.errorFields(message).M })
+      else if (type === 'Z') this.stripping = null
     }
-    if (done) {
-      Reflect.deleteProperty(stream, 'emit')
-      kept.push(frames.rest())
-    }
-    const out = Buffer.concat(kept)
-    return out.length ? emit.call(stream, 'data', out) : true
+    if (!this.stripping) kept.push(frames.rest())
+    return Buffer.concat(kept)
+  }
+
+  /** The transport failed or closed under an open session. */
+  private lost(err?: NodeJS.ErrnoException): void {
+    if (this.state !== 'open' || this.destroyed) return
+    this.state = 'done'
+    this.transport = null
+    const how = err ? `failed (${err.code ?? err.message})` : 'was closed by the server'
+    this.emitError(new DsqlConnectionError(`The connection to ${this.opener.where} ${how}.`, { retryable: true, code: 'CONNECTION_CLOSED', cause: err }))
+    this.closeSoon()
+  }
+
+  /**
+   * 'close' after the failures have run their course: the promise reactions of the failed
+   * queries (a transaction's ROLLBACK) and postgres.js's setImmediate write of them.
+   */
+  private closeSoon(): void {
+    setTimeout(() => {
+      this.push(null)
+      this.destroy()
+    }, 20)
+  }
+
+  private emitError(error: Error): void {
+    // Our own no-op listener is always there: more than one means postgres.js listens.
+    if (this.listenerCount('error') > 1) this.emit('error', error)
   }
 }

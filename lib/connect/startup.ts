@@ -2,7 +2,7 @@ import type { Duplex } from 'node:stream'
 import type { DsqlConfig, DsqlSession } from '../config'
 import { DsqlConnectionError, DsqlError, DsqlTlsError, DsqlTokenError } from '../errors'
 import * as wire from '../wire'
-import { where } from './dial'
+import { timedOut, where } from './dial'
 
 /** What postgres.js hands to its `socket` option; only the fields the connector reads. */
 export interface PgSocketOptions {
@@ -16,16 +16,22 @@ export interface PgSocketOptions {
 export type OnConnect = (session: DsqlSession) => void | Promise<void>
 
 export interface Started {
-  /** The server's startup answer (AuthenticationOk .. ReadyForQuery), replayed to postgres.js. */
+  /**
+   * What postgres.js is to read first, as if from a fresh server: the startup answer
+   * (AuthenticationOk .. ReadyForQuery), with the ParameterStatus messages of the hook's queries
+   * before its ReadyForQuery.
+   */
   replay: Buffer
+  /** Bytes already read after the last ReadyForQuery (perhaps part of a message): postgres.js's next. */
+  rest: Buffer
   /** SQL to run ahead of postgres.js's first query, or null. */
   pipelined: string | null
 }
 
 /**
  * Runs a DSQL session's startup on a connected stream of any transport: StartupMessage, the IAM
- * token, then the schema and the onconnect hook. Leaves the stream paused right after the last
- * ReadyForQuery. The caller destroys the stream when this rejects.
+ * token, then the schema and the onconnect hook. Leaves the stream paused with no listener of
+ * its own. The caller destroys the stream when this rejects.
  */
 export async function startup(
   stream: Duplex,
@@ -36,22 +42,29 @@ export async function startup(
   deadline: number,
 ): Promise<Started> {
   const reader = new Reader(stream, deadline, config)
-  stream.write(wire.startupMessage(startupParams(pg)))
-  const { replay, parameters } = await authenticate(reader, stream, token, config)
-  const setSchema = config.schema === false ? null : `SET search_path = ${wire.quoteIdentifier(config.schema)}`
-  if (!onconnect) {
+  try {
+    stream.write(wire.startupMessage(startupParams(pg)))
+    const { replay, parameters } = await authenticate(reader, stream, token, config)
+    const setSchema = config.schema === false ? null : `SET search_path = ${wire.quoteIdentifier(config.schema)}`
+    if (!onconnect) return { replay, rest: reader.detach(), pipelined: setSchema }
+    const session: DsqlSession = { query: (sql) => reader.query(sql), parameters }
+    if (setSchema) await session.query(setSchema)
+    // Called inside the promise chain: a hook that throws synchronously is reported like one that rejects.
+    await reader.guard(Promise.resolve().then(() => onconnect(session))).catch((err: unknown) => {
+      if (err instanceof DsqlError) throw err
+      throw new DsqlConnectionError(`onconnect failed: ${err instanceof Error ? err.message : String(err)}`, { retryable: false, cause: err })
+    })
+    // Queries the hook started without awaiting them are answered before postgres.js gets the stream.
+    await reader.settled()
+    const ready = replay.subarray(replay.length - READY_LENGTH)
+    return { replay: Buffer.concat([replay.subarray(0, replay.length - READY_LENGTH), ...reader.reported, ready]), rest: reader.detach(), pipelined: null }
+  } finally {
     reader.detach()
-    return { replay, pipelined: setSchema }
   }
-  const session: DsqlSession = { query: (sql) => reader.query(sql), parameters }
-  if (setSchema) await session.query(setSchema)
-  await reader.guard(Promise.resolve(onconnect(session))).catch((err: unknown) => {
-    if (err instanceof DsqlError) throw err
-    throw new DsqlConnectionError(`onconnect failed: ${err instanceof Error ? err.message : String(err)}`, { retryable: false, cause: err })
-  })
-  reader.detach()
-  return { replay, pipelined: null }
 }
+
+/** ReadyForQuery: 'Z', int32 5, status byte. */
+const READY_LENGTH = 6
 
 function startupParams(pg: PgSocketOptions): Record<string, string> {
   const params: Record<string, string> = { user: pg.user, database: pg.database, client_encoding: 'UTF8' }
@@ -112,6 +125,9 @@ class Reader {
   private queries: Promise<unknown> = Promise.resolve()
   /** Once a statement of the user's went out, a lost connection must not be retried. */
   private statementSent = false
+  /** ParameterStatus messages the hook's queries brought: postgres.js is to see them too. */
+  readonly reported: Buffer[] = []
+  private detached = false
   /** Rejects when the session fails or times out: every wait in `startup` races it. */
   readonly failed: Promise<never>
   private rejectFailed: (error: Error) => void = () => undefined
@@ -127,7 +143,7 @@ class Reader {
     stream.on('error', this.onError)
     stream.on('close', this.onClose)
     this.timer = setTimeout(() => {
-      this.fail(new DsqlConnectionError(`Timed out after ${config.connectTimeoutMs / 1000}s opening a session on ${where(config)}.`, { retryable: true }))
+      this.fail(timedOut(config, 'opening a session on'))
       stream.destroy()
     }, Math.max(0, deadline - Date.now()))
   }
@@ -146,9 +162,18 @@ class Reader {
 
   /** Simple-protocol query for `onconnect`, one at a time; rows as text. */
   query(sql: string): Promise<Record<string, string | null>[]> {
+    if (this.detached) return Promise.reject(new DsqlConnectionError('onconnect query after the hook returned: its session ended when the hook resolved; await every query in onconnect.', { retryable: false }))
     const run = this.queries.then(() => this.run(sql))
     this.queries = run.catch(() => undefined)
     return this.guard(run)
+  }
+
+  /** Resolves once every query issued so far (and any issued meanwhile) is answered. */
+  async settled(): Promise<void> {
+    for (let tail = this.queries; ; tail = this.queries) {
+      await this.guard(tail)
+      if (tail === this.queries) return
+    }
   }
 
   private async run(sql: string): Promise<Record<string, string | null>[]> {
@@ -163,6 +188,7 @@ class Reader {
       if (type === 'T') columns = wire.columnNames(message)
       else if (type === 'D') rows.push(Object.fromEntries(wire.rowValues(message).map((v, i) => [columns[i], v])))
       else if (type === 'E') error = sessionError(wire.errorFields(message), sql)
+      else if (type === 'S') this.reported.push(message)
       else if (type === 'Z') {
         if (error) throw error
         return rows
@@ -170,13 +196,18 @@ class Reader {
     }
   }
 
-  /** Stops reading; the stream is paused so postgres.js receives every later byte. */
-  detach(): void {
+  /** Stops reading (idempotent); returns the bytes read but not consumed, in order. */
+  detach(): Buffer {
+    if (this.detached) return Buffer.alloc(0)
+    this.detached = true
     clearTimeout(this.timer)
     this.stream.pause()
     this.stream.removeListener('data', this.onData)
     this.stream.removeListener('error', this.onError)
     this.stream.removeListener('close', this.onClose)
+    const rest = Buffer.concat([...this.queue, this.frames.rest()])
+    this.queue = []
+    return rest
   }
 
   private onData = (chunk: Buffer) => {
@@ -192,7 +223,8 @@ class Reader {
   private onError = (err: Error) =>
     this.fail(new DsqlConnectionError(`Connection to ${where(this.config)} failed during startup: ${err.message}.`, { retryable: !this.statementSent, cause: err }))
 
-  private onClose = () => this.fail(new DsqlConnectionError(`DSQL closed the connection during startup.`, { retryable: !this.statementSent }))
+  private onClose = () =>
+    this.fail(new DsqlConnectionError(`${where(this.config)} closed the connection during startup.`, { retryable: !this.statementSent, code: 'CONNECTION_CLOSED' }))
 
   private fail(error: Error) {
     clearTimeout(this.timer)
