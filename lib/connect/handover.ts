@@ -208,10 +208,14 @@ export class Handover extends Duplex {
    * queries (a transaction's ROLLBACK) and postgres.js's setImmediate write of them.
    */
   private closeSoon(): void {
-    setTimeout(() => {
-      this.push(null)
-      this.destroy()
-    }, 20)
+    // setImmediate first: postgres.js's own setImmediate write of a ROLLBACK queued by those
+    // reactions runs before the timer, however long this loop iteration took.
+    setImmediate(() =>
+      setTimeout(() => {
+        this.push(null)
+        this.destroy()
+      }, 20),
+    )
   }
 
   private emitError(error: Error): void {
