@@ -264,7 +264,7 @@ describe('failures are typed, fast, and lose nothing', () => {
     const err = await sql`select 1`.catch((e: unknown) => e)
     await sql.end()
     expect(err).toBeInstanceOf(DsqlConnectionError)
-    expect((err as Error).message).toMatch(/Cannot reach .* \(ECONNREFUSED\)/)
+    expect(err).toMatchObject({ code: 'ECONNREFUSED', message: expect.stringMatching(/Connection refused by 127\.0\.0\.1:\d+ .*ECONNREFUSED/) })
     expect(Date.now() - started).toBeLessThan(2500)
   })
 
@@ -380,13 +380,16 @@ describe('servers without direct TLS (PostgreSQL 16 and older, some proxies)', (
     })
   })
 
-  test("sslnegotiation: 'direct' chosen explicitly does not fall back", async () => {
+  test("sslnegotiation: 'direct' chosen explicitly does not fall back: a quick retryable failure that names the remedy", async () => {
     await withoutDirectTls(async (port) => {
       const sql = dsql(connectOptions({ port, sslnegotiation: 'direct' }))
+      const started = Date.now()
       const err = await sql`select 1`.catch((e: unknown) => e)
       await sql.end()
-      expect(err).toBeInstanceOf(DsqlTlsError)
-      expect((err as Error).message).toMatch(/does not speak direct TLS .*sslnegotiation: 'postgres'/)
+      expect(err).toBeInstanceOf(DsqlConnectionError)
+      expect(err).toMatchObject({ code: 'CONNECTION_CLOSED', retryable: true })
+      expect((err as Error).message).toMatch(/closed the connection during direct TLS.*does not speak direct TLS.*sslnegotiation: 'postgres'/)
+      expect(Date.now() - started).toBeLessThan(8000)
     })
   })
 })

@@ -42,15 +42,17 @@ export class DsqlTlsError extends DsqlError {
 }
 
 /**
- * A connection could not be opened: unreachable endpoint, time-out, or the service refused it
- * before authentication (rate exceeded `53400`, too many connections `53300`, waking up).
- * `retryable` is true when opening another connection later may work.
+ * A connection could not be opened or was lost: unreachable endpoint, time-out, or the service
+ * refused it before authentication (rate exceeded `53400`, too many connections `53300`, waking
+ * up). `retryable` is true when opening another connection later may work. `code` is the one
+ * postgres.js uses for the same situation where it has one (`CONNECT_TIMEOUT`,
+ * `CONNECTION_CLOSED`, the system's `ECONNREFUSED`, `ENOTFOUND`, ...), else `DSQL_CONNECTION`.
  */
 export class DsqlConnectionError extends DsqlError {
   readonly sqlstate: string | undefined
   readonly retryable: boolean
-  constructor(message: string, options: { sqlstate?: string; retryable: boolean; cause?: unknown }) {
-    super('DSQL_CONNECTION', message, { cause: options.cause })
+  constructor(message: string, options: { sqlstate?: string; retryable: boolean; cause?: unknown; code?: string }) {
+    super(options.code ?? 'DSQL_CONNECTION', message, { cause: options.cause })
     this.sqlstate = options.sqlstate
     this.retryable = options.retryable
   }

@@ -2,7 +2,7 @@ import postgres from 'postgres'
 import { connector } from './connect'
 import { credentialsOption, definedOnly, mergeUrl, resolveConfig, type DsqlConfig, type DsqlOptions } from './config'
 import { withRetry, type RetryBegin } from './retry'
-import { credentialProvider, tokenMinter } from './token'
+import { credentialProvider, tokenMinter, type Mint } from './token'
 import { installArrayTypes, type PgTypeOptions } from './types'
 import type { PgSocketOptions } from './connect'
 
@@ -35,12 +35,13 @@ export function dsql<T extends Types = {}>(first?: string | DsqlOptions<T>, seco
   const config = resolveConfig(options as DsqlOptions)
   const credentials = credentialProvider(credentialsOption(options as DsqlOptions), options.profile ?? process.env.AWS_PROFILE)
   let ending = false
-  const open = connector(config, tokenMinter(config, credentials), { logger: options.logger, onconnect: options.onconnect, closing: () => ending })
+  const mint = tokenMinter(config, credentials)
+  const open = connector(config, mint, { logger: options.logger, onconnect: options.onconnect, closing: () => ending })
   const socket = (pg: PgSocketOptions & PgTypeOptions) => {
     installArrayTypes(pg)
     return open(pg)
   }
-  const sql = postgres(postgresOptions(options, config, socket) as unknown as postgres.Options<T>) as unknown as DsqlSql<T>
+  const sql = postgres(postgresOptions(options, config, socket, mint) as unknown as postgres.Options<T>) as unknown as DsqlSql<T>
   const end = sql.end
   sql.end = (...args: Parameters<typeof end>) => ((ending = true), end(...args))
   return withRetry(sql, options.retry, options.logger)
@@ -58,12 +59,11 @@ const OWN = new Set([
  * Every postgres.js option is set explicitly: an omitted one would be read from PG* variables
  * (PGMAX=3 gives the string "3", PGSSL could turn TLS off) and an undefined one beats the default.
  */
-function postgresOptions<T extends Types>(options: DsqlOptions<T>, config: DsqlConfig, socket: (pg: PgSocketOptions & PgTypeOptions) => Promise<unknown>) {
+function postgresOptions<T extends Types>(options: DsqlOptions<T>, config: DsqlConfig, socket: (pg: PgSocketOptions & PgTypeOptions) => unknown, mint: Mint) {
   const passed = Object.fromEntries(Object.entries(options).filter(([k]) => !OWN.has(k)))
   return {
     max: 10,
     idle_timeout: null,
-    connect_timeout: config.connectTimeoutMs / 1000,
     max_pipeline: 100,
     backoff: (retries: number) => (0.5 + Math.random() / 2) * Math.min(3 ** retries / 100, 20),
     keep_alive: 60,
@@ -76,12 +76,16 @@ function postgresOptions<T extends Types>(options: DsqlOptions<T>, config: DsqlC
     // DSQL closes connections at 60 minutes: replace each one before, at its own jittered age.
     max_lifetime: () => (50 + Math.random() * 5) * 60,
     ...passed,
+    // The connector's own deadline is connect_timeout and fails with a typed CONNECT_TIMEOUT; postgres.js's
+    // timer (started a moment later) is only a backstop and must not win the race.
+    connect_timeout: config.connectTimeoutMs / 1000 + 1,
     host: config.host,
     port: config.port,
     user: config.user,
     database: config.database,
-    // The connector authenticates before postgres.js sees the socket: postgres.js never asks for this.
-    pass: () => '',
+    // The connector authenticates before postgres.js sees the socket, with this same minter; as
+    // `sql.options.pass` it gives other tools a fresh token (and is never a string in sql.options).
+    pass: mint,
     ssl: false,
     connection: { ...options.connection, application_name: applicationName(options.connection?.application_name) },
     socket,

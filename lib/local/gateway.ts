@@ -12,6 +12,18 @@ import type { DialectSettings } from './relay'
 import { ClientConnection, serve, type GatewayContext } from './session'
 import type { Keyring } from './sigv4'
 
+/**
+ * Server misbehaviour on demand, for testing clients (all off by default). closeAt: close new
+ * connections at that step of their startup ('accept': before reading a byte; 'startup': after
+ * TLS, on the StartupMessage; 'password': on the token). afterReady: right after the startup's
+ * ReadyForQuery, send a NoticeResponse and a ParameterStatus (dsql_local_fault = after-ready),
+ * 'coalesced' in the same write, or 'split' in two writes a moment apart, cut mid-message.
+ */
+export interface GatewayFaults {
+  closeAt?: 'accept' | 'startup' | 'password'
+  afterReady?: 'coalesced' | 'split'
+}
+
 export const LOOPBACK = '127.0.0.1'
 
 export interface GatewayOptions {
@@ -53,6 +65,7 @@ export class Gateway {
   private nextId = 1
   private readonly counters = { accepted: 0, authenticated: 0, rejected: 0 }
   private readonly context: GatewayContext
+  private faults: GatewayFaults = {}
 
   constructor(private readonly options: GatewayOptions) {
     this.port = options.port ?? 0
@@ -71,6 +84,7 @@ export class Gateway {
       count: (event) => this.counters[event]++,
       dialect: options.dialect,
       iamArn: options.iamArn,
+      faults: () => this.faults,
     }
   }
 
@@ -109,6 +123,10 @@ export class Gateway {
     const next = mergeLimits(this.limits, change)
     if (change.connectionRate) this.bucket = new TokenBucket(next.connectionRate)
     this.limits = next
+  }
+
+  setFaults(faults: GatewayFaults): void {
+    this.faults = { ...faults }
   }
 
   stats(): GatewayStats {

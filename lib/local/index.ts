@@ -19,7 +19,7 @@ import { catalogSettings, catalogSql, DEFAULT_QUOTAS, type CatalogQuotas } from 
 import { makeCertificates, type Certificates } from './certs'
 import { onProcessExit } from './cleanup'
 import { Dialect } from './dialect'
-import { Gateway, LOOPBACK, type GatewayStats } from './gateway'
+import { Gateway, LOOPBACK, type GatewayFaults, type GatewayStats } from './gateway'
 import { Control } from './jobs'
 import type { Limits } from './limits'
 import type { Logger } from './logger'
@@ -30,7 +30,7 @@ import { MAX_RESULT_BYTES } from './transaction'
 import { ADMIN_USER, Keyring } from './sigv4'
 
 export type { Logger as LocalDsqlLogger } from './logger'
-export type { GatewayStats as LocalDsqlStats } from './gateway'
+export type { GatewayStats as LocalDsqlStats, GatewayFaults as LocalDsqlFaults } from './gateway'
 /** Connection limits, and with the dialect DSQL's catalog quotas and the async jobs' minimum time. */
 export type LocalDsqlLimits = Partial<Limits & CatalogQuotas & { asyncJobMinMs: number; maxResultBytes: number }>
 
@@ -123,6 +123,8 @@ export interface LocalDsql {
   holdJobs(): void
   releaseJobs(): void
   stats(): GatewayStats
+  /** Misbehaves on purpose for new connections, to test clients (see LocalDsqlFaults); {} turns it off. */
+  setFaults(faults: GatewayFaults): void
   /** Closes the listener and drops every client connection (a simulated outage); PostgreSQL keeps running. */
   stopGateway(): Promise<void>
   /** Listens again, on the same port. */
@@ -260,6 +262,7 @@ export async function startLocalDsql(options: LocalDsqlOptions = {}): Promise<Lo
     holdJobs: () => control?.hold(),
     releaseJobs: () => control?.release(),
     stats: () => gateway.stats(),
+    setFaults: (faults) => gateway.setFaults(faults),
     stopGateway: () => gateway.stop(),
     startGateway: async () => {
       if (stopping) throw new Error('This local DSQL stand-in was stopped.')

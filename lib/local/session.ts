@@ -30,6 +30,8 @@ import {
 } from './protocol'
 import { DialectSession, relayMessages, serverParameter, type DialectSettings } from './relay'
 import { ADMIN_USER, verifyToken, type Keyring } from './sigv4'
+import { errorFromFields, parameterStatus } from './frames'
+import type { GatewayFaults } from './gateway'
 
 export const ALPN = 'postgresql'
 const DATABASE = 'postgres'
@@ -57,6 +59,8 @@ export interface GatewayContext {
   dialect?: DialectSettings
   /** The IAM identity (ARN) of the accepted key pairs; with the dialect, roles must be mapped to it. */
   iamArn?: string
+  /** Misbehaviour switched on for tests (gateway.ts). */
+  faults(): GatewayFaults
 }
 
 type Startup = { kind: 'cancel'; packet: Buffer } | { kind: 'startup'; params: Record<string, string> }
@@ -108,9 +112,12 @@ export class ClientConnection {
 
 export async function serve(connection: ClientConnection, context: GatewayContext): Promise<void> {
   const startupTimer = connection.timer(STARTUP_TIMEOUT_MS, () => connection.destroy())
+  const faults = context.faults()
+  if (faults.closeAt === 'accept') return connection.destroy()
   const secured = await negotiate(connection, context)
   if (!secured) return
   const startup = await readStartup(secured)
+  if (faults.closeAt === 'startup') return connection.destroy()
   if ('severity' in startup) return refuse(connection, secured, context, startup)
   const sni = secured.servername
   if (!sni) return refuse(connection, secured, context, { severity: 'FATAL', code: '08006', message: 'unable to accept connection, sni was not received' })
@@ -125,6 +132,7 @@ export async function serve(connection: ClientConnection, context: GatewayContex
 
   secured.write(authenticationCleartextPassword())
   const password = await readMessage(secured, MAX_PASSWORD_LENGTH)
+  if (faults.closeAt === 'password') return connection.destroy()
   if (password.type !== 'p')
     return refuse(connection, secured, context, { severity: 'FATAL', code: '08P01', message: `expected password response, got message type "${password.type}"` })
   const verdict = await verifyToken(passwordText(password.body), { host: sni, user: params.user, region: context.region }, context.keys)
@@ -134,7 +142,7 @@ export async function serve(connection: ClientConnection, context: GatewayContex
   const setting = context.dialect?.dialect.startupRefusal(params)
   if (setting) return refuse(connection, secured, context, { severity: 'FATAL', code: setting.code, message: setting.message })
 
-  if (!(await openSession(connection, secured, params, context))) return
+  if (!(await openSession(connection, secured, params, context, faults))) return
   clearTimeout(startupTimer)
   context.count('authenticated')
   context.logger.debug?.(`postgres-dsql local #${connection.id}: ${params.user} connected (${verdict.action}, key ${verdict.accessKeyId})`)
@@ -231,7 +239,13 @@ function admission(connection: ClientConnection, params: Record<string, string>,
  * checks the role only after AuthenticationOk, so an unknown role is known only then; it
  * becomes DSQL's access-denied error instead of PostgreSQL's.
  */
-async function openSession(connection: ClientConnection, secured: TLSSocket, params: Record<string, string>, context: GatewayContext): Promise<boolean> {
+async function openSession(
+  connection: ClientConnection,
+  secured: TLSSocket,
+  params: Record<string, string>,
+  context: GatewayContext,
+  faults: GatewayFaults,
+): Promise<boolean> {
   const backend = context.connectBackend()
   connection.backend = backend
   backend.on('error', () => connection.destroy())
@@ -258,7 +272,21 @@ async function openSession(connection: ClientConnection, secured: TLSSocket, par
     refuse(connection, secured, context, denied(`Role "${params.user}" is not mapped to the IAM identity that signed the token: as admin, AWS IAM GRANT ${params.user} TO '${context.iamArn}'.`))
     return false
   }
-  secured.write(Buffer.concat(held))
+  if (!faults.afterReady) {
+    secured.write(Buffer.concat(held))
+    return true
+  }
+  const after = Buffer.concat([
+    errorFromFields({ S: 'NOTICE', V: 'NOTICE', C: '00000', M: 'dsql_local fault: a notice right after ReadyForQuery' }, 'N'),
+    parameterStatus('dsql_local_fault', 'after-ready'),
+  ])
+  if (faults.afterReady === 'coalesced') secured.write(Buffer.concat([...held, after]))
+  else {
+    // Cut inside the notice: the client must hold the partial message until the rest arrives.
+    secured.write(Buffer.concat([...held, after.subarray(0, 7)]))
+    await new Promise((resolve) => setTimeout(resolve, 50))
+    secured.write(after.subarray(7))
+  }
   return true
 }
 

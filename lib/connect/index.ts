@@ -1,0 +1,115 @@
+import type { Duplex } from 'node:stream'
+import * as tls from 'node:tls'
+import type { DsqlConfig, DsqlLogger } from '../config'
+import { DsqlConnectionError, DsqlError } from '../errors'
+import type { Mint } from '../token'
+import { sendCancel } from './cancel'
+import { dial, isUnreachable, NoDirectTls, socketError, where } from './dial'
+import { Handover, type Session } from './handover'
+import { startup, type OnConnect, type PgSocketOptions } from './startup'
+
+export type { PgSocketOptions } from './startup'
+
+export interface ConnectorOptions {
+  logger?: DsqlLogger
+  onconnect?: OnConnect
+  /** True once sql.end() was called. */
+  closing?: () => boolean
+}
+
+/** A wrong address (refused, no route, closed at once) is retried this long only, not for all of connect_timeout. */
+const UNREACHABLE_RETRY_MS = 2000
+
+/**
+ * postgres.js's `socket` option. Each call returns a stream (handover.ts) that, on postgres.js's
+ * first write, either opens one DSQL session to ReadyForQuery (dial, startup), retrying what is
+ * safe to retry, or sends a CancelRequest. Failures reach postgres.js as a typed 'error' on that
+ * stream: a rejected promise or a throw would leave postgres.js with a pool slot it never frees.
+ */
+export function connector(config: DsqlConfig, mint: Mint, options: ConnectorOptions) {
+  const { logger, closing } = options
+  // One TLS context per dsql(): building it (parsing the CA) per connection costs ~0.2 ms of CPU.
+  const tlsOptions = { ...config.tls, secureContext: config.tls.secureContext ?? tls.createSecureContext(config.tls) }
+  config = { ...config, tls: tlsOptions }
+  let negotiation = config.sslnegotiation
+
+  async function open(pg: PgSocketOptions, deadline: number, signal: AbortSignal): Promise<Session> {
+    const first = Date.now()
+    let warned = false
+    for (let attempt = 1; ; attempt++) {
+      const started = Date.now()
+      const current = { ...config, sslnegotiation: negotiation }
+      try {
+        const { stream, replay, rest, pipelined } = await establish(current, mint, pg, options.onconnect, deadline, signal)
+        logger?.debug?.('dsql connection ready', { host: config.host, attempt, ms: Date.now() - started })
+        // postgres.js hands a connection opened for sql.reserve()/sql.begin() over only on 'drain'
+        // or after a setup query of its own (type fetch, session attributes).
+        return { stream, replay, rest, pipelined, drain: !pg.fetch_types && !pg.target_session_attrs }
+      } catch (err) {
+        if (signal.aborted) throw err
+        const error = asDsqlError(err, config)
+        if (error instanceof NoDirectTls && config.directFallback && current.sslnegotiation === 'direct') {
+          // Servers before PostgreSQL 17 (and proxies) read a ClientHello as a broken startup packet.
+          if (negotiation === 'direct') logger?.warn?.('dsql: the server does not speak direct TLS; using SSLRequest from now on', { host: config.host })
+          negotiation = 'postgres'
+          continue
+        }
+        const delay = backoffMs(attempt)
+        const until = isUnreachable(error) ? Math.min(deadline, first + UNREACHABLE_RETRY_MS) : deadline
+        if (!(error instanceof DsqlConnectionError && error.retryable) || Date.now() + delay >= until) {
+          logger?.error?.('dsql connection failed', { host: config.host, attempt, code: error.code, message: error.message })
+          throw error
+        }
+        // Once per connection, not per attempt: a storm or an outage would otherwise flood the log.
+        const fields = { host: config.host, attempt, delayMs: delay, code: error.code, message: error.message }
+        if (warned) logger?.debug?.('dsql connection attempt failed; retrying', fields)
+        else logger?.warn?.('dsql connection attempt failed; retrying', fields)
+        warned = true
+        await new Promise((resolve) => setTimeout(resolve, delay))
+        if (signal.aborted) throw error
+      }
+    }
+  }
+
+  return function socket(pg: PgSocketOptions): Duplex {
+    const deadline = Date.now() + config.connectTimeoutMs
+    return new Handover({
+      open: (signal) => open(pg, deadline, signal),
+      cancel: (request) => sendCancel(request, { ...config, sslnegotiation: negotiation }, logger),
+      ending: () => closing?.() ?? false,
+      logger,
+      where: where(config),
+    })
+  }
+}
+
+/** Full jitter over an exponential ceiling: 50 ms, 100 ms, ... capped at 2 s. */
+function backoffMs(attempt: number): number {
+  return Math.round(Math.random() * Math.min(2000, 50 * 2 ** (attempt - 1)))
+}
+
+async function establish(config: DsqlConfig, mint: Mint, pg: PgSocketOptions, onconnect: OnConnect | undefined, deadline: number, signal: AbortSignal) {
+  // Signing overlaps the TCP and TLS handshakes; the token is sent only after the certificate verified.
+  const token = mint()
+  token.catch(() => undefined)
+  const stream = await dial(config, deadline)
+  // From here until the hand-over someone always listens: an 'error' is reported by the 'close' that follows.
+  stream.on('error', () => undefined)
+  const abort = () => stream.destroy()
+  signal.addEventListener('abort', abort, { once: true })
+  try {
+    if (signal.aborted) throw new DsqlConnectionError('The connection is no longer wanted.', { retryable: false })
+    return { stream, ...(await startup(stream, token, pg, config, onconnect, deadline)) }
+  } catch (err) {
+    stream.destroy()
+    throw err
+  } finally {
+    signal.removeEventListener('abort', abort)
+  }
+}
+
+function asDsqlError(err: unknown, config: DsqlConfig): DsqlError {
+  if (err instanceof DsqlError) return err
+  if (err instanceof Error) return socketError(err, config)
+  return new DsqlConnectionError(String(err), { retryable: false })
+}

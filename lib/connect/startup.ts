@@ -1,0 +1,246 @@
+import type { Duplex } from 'node:stream'
+import type { DsqlConfig, DsqlSession } from '../config'
+import { DsqlConnectionError, DsqlError, DsqlTlsError, DsqlTokenError } from '../errors'
+import * as wire from '../wire'
+import { timedOut, where } from './dial'
+
+/** What postgres.js hands to its `socket` option; only the fields the connector reads. */
+export interface PgSocketOptions {
+  user: string
+  database: string
+  connection: Record<string, string | number | boolean>
+  fetch_types: boolean
+  target_session_attrs: string | null
+}
+
+export type OnConnect = (session: DsqlSession) => void | Promise<void>
+
+export interface Started {
+  /**
+   * What postgres.js is to read first, as if from a fresh server: the startup answer
+   * (AuthenticationOk .. ReadyForQuery), with the ParameterStatus messages of the hook's queries
+   * before its ReadyForQuery.
+   */
+  replay: Buffer
+  /** Bytes already read after the last ReadyForQuery (perhaps part of a message): postgres.js's next. */
+  rest: Buffer
+  /** SQL to run ahead of postgres.js's first query, or null. */
+  pipelined: string | null
+}
+
+/**
+ * Runs a DSQL session's startup on a connected stream of any transport: StartupMessage, the IAM
+ * token, then the schema and the onconnect hook. Leaves the stream paused with no listener of
+ * its own. The caller destroys the stream when this rejects.
+ */
+export async function startup(
+  stream: Duplex,
+  token: Promise<string>,
+  pg: PgSocketOptions,
+  config: DsqlConfig,
+  onconnect: OnConnect | undefined,
+  deadline: number,
+): Promise<Started> {
+  const reader = new Reader(stream, deadline, config)
+  try {
+    stream.write(wire.startupMessage(startupParams(pg)))
+    const { replay, parameters } = await authenticate(reader, stream, token, config)
+    const setSchema = config.schema === false ? null : `SET search_path = ${wire.quoteIdentifier(config.schema)}`
+    if (!onconnect) return { replay, rest: reader.detach(), pipelined: setSchema }
+    const session: DsqlSession = { query: (sql) => reader.query(sql), parameters }
+    if (setSchema) await session.query(setSchema)
+    // Called inside the promise chain: a hook that throws synchronously is reported like one that rejects.
+    await reader.guard(Promise.resolve().then(() => onconnect(session))).catch((err: unknown) => {
+      if (err instanceof DsqlError) throw err
+      throw new DsqlConnectionError(`onconnect failed: ${err instanceof Error ? err.message : String(err)}`, { retryable: false, cause: err })
+    })
+    // Queries the hook started without awaiting them are answered before postgres.js gets the stream.
+    await reader.settled()
+    const ready = replay.subarray(replay.length - READY_LENGTH)
+    return { replay: Buffer.concat([replay.subarray(0, replay.length - READY_LENGTH), ...reader.reported, ready]), rest: reader.detach(), pipelined: null }
+  } finally {
+    reader.detach()
+  }
+}
+
+/** ReadyForQuery: 'Z', int32 5, status byte. */
+const READY_LENGTH = 6
+
+function startupParams(pg: PgSocketOptions): Record<string, string> {
+  const params: Record<string, string> = { user: pg.user, database: pg.database, client_encoding: 'UTF8' }
+  for (const [k, v] of Object.entries(pg.connection)) if (v !== undefined && v !== null && v !== false) params[k] = String(v)
+  return params
+}
+
+async function authenticate(reader: Reader, stream: Duplex, token: Promise<string>, config: DsqlConfig) {
+  const replay: Buffer[] = []
+  const parameters: Record<string, string> = {}
+  for (;;) {
+    const message = await reader.next()
+    const type = String.fromCharCode(message[0])
+    if (type === 'E') throw startupError(wire.errorFields(message), config)
+    if (type === 'R') {
+      const code = wire.authCode(message)
+      if (code === 3) stream.write(wire.passwordMessage(await reader.guard(token)))
+      else if (code !== 0) throw new DsqlConnectionError(`The server asked for authentication method ${code}; DSQL uses a cleartext IAM token.`, { retryable: false })
+      else replay.push(message)
+      continue
+    }
+    if (type === 'S') {
+      const [name, value] = wire.parameterStatus(message)
+      parameters[name] = value
+    }
+    replay.push(message)
+    if (type === 'Z') return { replay: Buffer.concat(replay), parameters }
+  }
+}
+
+/** DSQL's startup refusals, as typed errors that say what to do. */
+function startupError(fields: Record<string, string>, config: DsqlConfig): DsqlError {
+  const sqlstate = fields.C ?? ''
+  const message = fields.M ?? 'unknown error'
+  const hint = fields.H
+  const said = `${message}${hint ? ` (${hint})` : ''}`
+  if (sqlstate === '53400' || sqlstate === '53300' || /rate exceeded|too many connections|waking up|retry later/i.test(message))
+    return new DsqlConnectionError(`DSQL refused the connection for now: ${said}.`, { sqlstate, retryable: true })
+  if (/sni/i.test(message)) return new DsqlTlsError(`DSQL refused the connection: ${said}. The TLS server name must be the cluster endpoint.`)
+  if (/access denied/i.test(message) || sqlstate === '28000' || sqlstate === '28P01')
+    return new DsqlTokenError(`DSQL rejected the IAM token for user "${config.user}": ${said}. ${tokenAdvice(hint ?? message, config)}`, sqlstate, hint)
+  return new DsqlConnectionError(`DSQL refused the connection: ${said} [${sqlstate}].`, { sqlstate, retryable: false })
+}
+
+function tokenAdvice(reason: string, config: DsqlConfig): string {
+  if (/expired/i.test(reason)) return 'Check the system clock, and that tokenDurationSecs covers the time to connect.'
+  if (/user to action/i.test(reason)) return `"admin" signs DbConnectAdmin and every other role DbConnect; check the user name.`
+  return `Check that the credentials' IAM identity may ${config.action} on this cluster (IAM policy dsql:${config.action}, \`AWS IAM GRANT\` for non-admin roles) and that region ${config.region} is the cluster's.`
+}
+
+/** Reads backend messages during startup, with the connection's deadline. */
+class Reader {
+  private frames = new wire.Frames()
+  private queue: Buffer[] = []
+  private waiting: { resolve(m: Buffer): void; reject(e: Error): void } | null = null
+  private failure: Error | null = null
+  private timer: NodeJS.Timeout
+  private queries: Promise<unknown> = Promise.resolve()
+  /** Once a statement of the user's went out, a lost connection must not be retried. */
+  private statementSent = false
+  /** ParameterStatus messages the hook's queries brought: postgres.js is to see them too. */
+  readonly reported: Buffer[] = []
+  private detached = false
+  /** Rejects when the session fails or times out: every wait in `startup` races it. */
+  readonly failed: Promise<never>
+  private rejectFailed: (error: Error) => void = () => undefined
+
+  constructor(
+    private stream: Duplex,
+    deadline: number,
+    private config: DsqlConfig,
+  ) {
+    this.failed = new Promise<never>((_, reject) => (this.rejectFailed = reject))
+    this.failed.catch(() => undefined)
+    stream.on('data', this.onData)
+    stream.on('error', this.onError)
+    stream.on('close', this.onClose)
+    this.timer = setTimeout(() => {
+      this.fail(timedOut(config, 'opening a session on'))
+      stream.destroy()
+    }, Math.max(0, deadline - Date.now()))
+  }
+
+  next(): Promise<Buffer> {
+    const message = this.queue.shift()
+    if (message) return Promise.resolve(message)
+    if (this.failure) return Promise.reject(this.failure)
+    return new Promise((resolve, reject) => (this.waiting = { resolve, reject }))
+  }
+
+  /** Races `work` against the session failing or timing out. */
+  guard<T>(work: Promise<T>): Promise<T> {
+    return Promise.race([work, this.failed])
+  }
+
+  /** Simple-protocol query for `onconnect`, one at a time; rows as text. */
+  query(sql: string): Promise<Record<string, string | null>[]> {
+    if (this.detached) return Promise.reject(new DsqlConnectionError('onconnect query after the hook returned: its session ended when the hook resolved; await every query in onconnect.', { retryable: false }))
+    const run = this.queries.then(() => this.run(sql))
+    this.queries = run.catch(() => undefined)
+    return this.guard(run)
+  }
+
+  /** Resolves once every query issued so far (and any issued meanwhile) is answered. */
+  async settled(): Promise<void> {
+    for (let tail = this.queries; ; tail = this.queries) {
+      await this.guard(tail)
+      if (tail === this.queries) return
+    }
+  }
+
+  private async run(sql: string): Promise<Record<string, string | null>[]> {
+    this.statementSent = true
+    this.stream.write(wire.queryMessage(sql))
+    const rows: Record<string, string | null>[] = []
+    let columns: string[] = []
+    let error: DsqlError | null = null
+    for (;;) {
+      const message = await this.next()
+      const type = String.fromCharCode(message[0])
+      if (type === 'T') columns = wire.columnNames(message)
+      else if (type === 'D') rows.push(Object.fromEntries(wire.rowValues(message).map((v, i) => [columns[i], v])))
+      else if (type === 'E') error = sessionError(wire.errorFields(message), sql)
+      else if (type === 'S') this.reported.push(message)
+      else if (type === 'Z') {
+        if (error) throw error
+        return rows
+      }
+    }
+  }
+
+  /** Stops reading (idempotent); returns the bytes read but not consumed, in order. */
+  detach(): Buffer {
+    if (this.detached) return Buffer.alloc(0)
+    this.detached = true
+    clearTimeout(this.timer)
+    this.stream.pause()
+    this.stream.removeListener('data', this.onData)
+    this.stream.removeListener('error', this.onError)
+    this.stream.removeListener('close', this.onClose)
+    const rest = Buffer.concat([...this.queue, this.frames.rest()])
+    this.queue = []
+    return rest
+  }
+
+  private onData = (chunk: Buffer) => {
+    for (const message of this.frames.push(chunk)) {
+      if (this.waiting) {
+        const { resolve } = this.waiting
+        this.waiting = null
+        resolve(message)
+      } else this.queue.push(message)
+    }
+  }
+
+  private onError = (err: Error) =>
+    this.fail(new DsqlConnectionError(`Connection to ${where(this.config)} failed during startup: ${err.message}.`, { retryable: !this.statementSent, cause: err }))
+
+  private onClose = () =>
+    this.fail(new DsqlConnectionError(`${where(this.config)} closed the connection during startup.`, { retryable: !this.statementSent, code: 'CONNECTION_CLOSED' }))
+
+  private fail(error: Error) {
+    clearTimeout(this.timer)
+    this.failure ??= error
+    this.rejectFailed(this.failure)
+    if (this.waiting) {
+      const { reject } = this.waiting
+      this.waiting = null
+      reject(this.failure)
+    }
+  }
+}
+
+function sessionError(fields: Record<string, string>, sql: string): DsqlError {
+  return new DsqlConnectionError(`onconnect query failed: ${fields.M ?? 'error'} [${fields.C ?? ''}] in: ${sql.slice(0, 200)}`, {
+    sqlstate: fields.C,
+    retryable: false,
+  })
+}
