@@ -11,6 +11,7 @@ import type { ErrorFields } from './protocol'
 import type { DialectSettings } from './relay'
 import { ClientConnection, serve, type GatewayContext } from './session'
 import type { Keyring } from './sigv4'
+import { acceptWebSocket } from './websocket'
 
 export const LOOPBACK = '127.0.0.1'
 
@@ -71,6 +72,7 @@ export class Gateway {
       count: (event) => this.counters[event]++,
       dialect: options.dialect,
       iamArn: options.iamArn,
+      webSocket: acceptWebSocket,
     }
   }
 
