@@ -14,6 +14,7 @@ import { WebSocketServer } from 'ws'
 import dsql, { DsqlConfigError, DsqlConnectionError, DsqlTlsError, DsqlTokenError, type DsqlOptions } from '../lib'
 import { resolveConfig } from '../lib/config'
 import { webSocketImpl } from '../lib/connect/websocket'
+import { websocket } from '../samples/websocket'
 import { connectOptions, target } from './helpers/target'
 
 type Sql = ReturnType<typeof dsql>
@@ -299,11 +300,13 @@ describe('what the client sends', () => {
 })
 
 describe('choosing and loading the WebSocket', () => {
-  const config = (o: DsqlOptions = {}) => resolveConfig({ host: target().host, ...o })
+  const config = (o: DsqlOptions = {}, env: NodeJS.ProcessEnv = {}) => resolveConfig({ host: target().host, ...o }, env)
 
-  test('port 443 by default; "transport" is checked', () => {
+  test('port 443 by default (PGPORT and port still win); "transport" is checked', () => {
     expect(config({ transport: 'websocket' }).port).toBe(443)
     expect(config({ transport: 'websocket', port: 8443 }).port).toBe(8443)
+    expect(config({ transport: 'websocket' }, { PGPORT: '9443' }).port).toBe(9443)
+    expect(config().port).toBe(5432)
     expect(config().transport).toBe('tcp')
     expect(() => config({ transport: 'http' as never })).toThrow(DsqlConfigError)
   })
@@ -350,5 +353,22 @@ describe('choosing and loading the WebSocket', () => {
       )).stdout
     expect(JSON.parse(await probe('tcp'))).toEqual({ one: 1, loaded: 0 })
     expect(JSON.parse(await probe('websocket')).loaded).toBeGreaterThan(0)
+  })
+})
+
+describe('samples/websocket.ts', () => {
+  test.each(['admin', 'appuser'])('runs as %s', async (user) => {
+    const logs: string[] = []
+    const spy = jest.spyOn(console, 'log').mockImplementation((...args: unknown[]) => void logs.push(args.join(' ')))
+    try {
+      await websocket(connectOptions({ user }))
+    } finally {
+      spy.mockRestore()
+    }
+    expect(logs).toEqual([
+      `Connected over WebSocket as ${user}, schema ${user === 'admin' ? 'public' : 'myschema'}`,
+      '6 concurrent queries on 3 WebSockets: 1, 4, 9, 16, 25, 36',
+      'Read back in a transaction: over wss',
+    ])
   })
 })

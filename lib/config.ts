@@ -46,7 +46,7 @@ export interface DsqlOptions<T extends Types = {}> extends Omit<postgres.Options
   host?: string
   /** Alias of `host`. */
   hostname?: string
-  /** Default `PGPORT`, else 5432; 443 with `transport: 'websocket'`. */
+  /** Default `PGPORT`, else 5432 (443 with `transport: 'websocket'`). */
   port?: number
   /** Signing region (default: parsed from `host`, else AWS_REGION, AWS_DEFAULT_REGION, the profile's region). */
   region?: string
@@ -167,7 +167,7 @@ export function resolveConfig(o: DsqlOptions<Types>, env: NodeJS.ProcessEnv = pr
   return {
     host,
     hostaddr: nonEmpty(o.hostaddr ?? env.PGHOSTADDR, 'hostaddr') ?? host,
-    port: resolvePort(o.port ?? (o.transport === 'websocket' ? 443 : env.PGPORT)),
+    port: resolvePort(o.port ?? (env.PGPORT || (o.transport === 'websocket' ? 443 : undefined))),
     region,
     clusterId,
     user,
