@@ -13,7 +13,7 @@ import selfsigned from 'selfsigned'
 import { WebSocketServer } from 'ws'
 import dsql, { DsqlConfigError, DsqlConnectionError, DsqlTlsError, DsqlTokenError, type DsqlOptions } from '../lib'
 import { resolveConfig } from '../lib/config'
-import { webSocketImpl } from '../lib/connect/websocket'
+import { webSocketImpl, WebSocketStream } from '../lib/connect/websocket'
 import { websocket } from '../samples/websocket'
 import { connectOptions, target } from './helpers/target'
 
@@ -227,6 +227,29 @@ describe('failures over WebSocket', () => {
       await proxy.close()
     }
   })
+})
+
+test('keep-alive judges only a server that has answered pings', async () => {
+  const listeners: Record<string, ((e: object) => void)[]> = {}
+  let pings = 0
+  let onPong = () => {}
+  const socket = {
+    binaryType: 'arraybuffer', readyState: 1, bufferedAmount: 0,
+    send: () => undefined, close: () => undefined, terminate: () => undefined,
+    addEventListener: (type: string, listener: (e: object) => void) => void (listeners[type] ??= []).push(listener),
+    ping: () => void pings++,
+    on: (_event: 'pong', listener: () => void) => void (onPong = listener),
+  }
+  const stream = new WebSocketStream(socket, resolveConfig({ host: target().host }, {}))
+  const closed = new Promise<unknown>((resolve) => stream.on('error', resolve))
+  stream.setKeepAlive(true, 20)
+  await waitFor(() => pings >= 5)
+  // Never answered: the server may not do pings; the connection is kept.
+  expect(stream.destroyed).toBe(false)
+  onPong()
+  // Answered once, then silent: a dead connection.
+  expect(await closed).toBeInstanceOf(DsqlConnectionError)
+  expect(stream.destroyed).toBe(true)
 })
 
 describe("the stand-in's WSS, on its PostgreSQL port", () => {

@@ -152,6 +152,8 @@ function isError(value: unknown): value is NodeJS.ErrnoException {
 export class WebSocketStream extends Duplex {
   private keepAlive: NodeJS.Timeout | undefined
   private answered = true
+  /** The server has answered a ping: only then is a missing answer taken for a dead connection. */
+  private pongs = false
 
   constructor(
     private readonly socket: WebSocketLike,
@@ -178,7 +180,7 @@ export class WebSocketStream extends Duplex {
     })
     // A later error is always followed by 'close', which reports it.
     socket.addEventListener('error', () => undefined)
-    socket.on?.('pong', () => (this.answered = true))
+    socket.on?.('pong', () => (this.answered = this.pongs = true))
   }
 
   get readyState(): 'opening' | 'open' | 'closed' {
@@ -187,9 +189,10 @@ export class WebSocketStream extends Duplex {
   }
 
   /**
-   * Keep-alive with WebSocket ping frames (`ws` only): a ping every `ms`, and a connection with no
-   * pong and no message since the last one is closed, so a dead WebSocket is found while idle.
-   * The standard API cannot ping; there the server's pings keep the connection.
+   * Keep-alive with WebSocket ping frames (`ws` only): a ping every `ms`, which also keeps proxies
+   * from timing an idle connection out. Once the server has answered a ping, a connection with no
+   * pong and no message since the previous ping is closed: a dead WebSocket is found while idle.
+   * A server that never answers pings is never judged by them. The standard API cannot ping.
    */
   setKeepAlive(enable: boolean, ms = 0): this {
     clearInterval(this.keepAlive)
@@ -197,7 +200,7 @@ export class WebSocketStream extends Duplex {
     if (!enable || !ping || !(ms > 0)) return this
     this.answered = true
     this.keepAlive = setInterval(() => {
-      if (!this.answered) {
+      if (!this.answered && this.pongs) {
         this.destroy(new DsqlConnectionError(`The WebSocket to ${this.config.host} did not answer a ping within ${ms / 1000}s: closed it.`, { retryable: true }))
         return
       }
