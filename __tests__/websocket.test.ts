@@ -349,12 +349,25 @@ describe('choosing and loading the WebSocket', () => {
     }
     expect(() => webSocketImpl(config({ transport: 'websocket' }), undefined, missing)).toThrow(/npm i ws/)
     expect(() => webSocketImpl(config({ transport: 'websocket' }), undefined, missing)).toThrow(DsqlConfigError)
-    jest.isolateModules(() => {
-      jest.doMock('ws', missing)
-      const { dsql: isolated, DsqlConfigError: IsolatedError } = require('../lib') as typeof import('../lib')
-      expect(() => isolated(connectOptions({ transport: 'websocket' }))).toThrow(IsolatedError)
-      expect(() => isolated(connectOptions({ transport: 'websocket' }))).toThrow(/Node before 22.*npm i ws/)
-    })
+    try {
+      jest.isolateModules(() => {
+        jest.doMock('ws', missing)
+        const { dsql: isolated, DsqlConfigError: IsolatedError } = require('../lib') as typeof import('../lib')
+        expect(() => isolated(connectOptions({ transport: 'websocket' }))).toThrow(IsolatedError)
+        expect(() => isolated(connectOptions({ transport: 'websocket' }))).toThrow(/Node before 22.*npm i ws/)
+      })
+    } finally {
+      // The mock outlives isolateModules: later tests need the real ws.
+      jest.dontMock('ws')
+    }
+  })
+
+  test('a bundle of the package does not carry ws (a Node-only peer, required at run time)', async () => {
+    const { build } = await import('esbuild')
+    const result = await build({ entryPoints: [`${__dirname}/../lib/index.ts`], bundle: true, platform: 'node', write: false, metafile: true, logLevel: 'silent' })
+    const inputs = Object.keys(result.metafile.inputs)
+    expect(inputs.some((path) => path.includes('lib/connect/websocket.ts'))).toBe(true)
+    expect(inputs.filter((path) => path.includes('node_modules/ws/'))).toEqual([])
   })
 
   test('the TCP path loads neither the WebSocket transport nor ws', async () => {

@@ -49,7 +49,7 @@ const HIGH_WATER = 1 << 20
  * The runtime's global WebSocket when it can do what the config asks, else `ws`. A global one
  * cannot take a CA, other TLS settings, or an address other than the endpoint's.
  */
-export function webSocketImpl(config: DsqlConfig, global: unknown = (globalThis as { WebSocket?: unknown }).WebSocket, load = () => require('ws') as unknown): WebSocketImpl {
+export function webSocketImpl(config: DsqlConfig, global: unknown = (globalThis as { WebSocket?: unknown }).WebSocket, load = loadWs): WebSocketImpl {
   const needsNode = config.hostaddr !== config.host || customTls(config.tls)
   if (typeof global === 'function' && !needsNode) return { WebSocket: global as WebSocketClass, node: false }
   let ws: unknown
@@ -65,6 +65,14 @@ export function webSocketImpl(config: DsqlConfig, global: unknown = (globalThis 
   }
   const WebSocket = (ws as { WebSocket?: WebSocketClass }).WebSocket ?? (ws as WebSocketClass)
   return { WebSocket, node: true }
+}
+
+/**
+ * `ws`, required by a name bundlers do not follow: it is for Node, where it is installed, and
+ * a bundle (for the TCP path, a browser or a Worker) should not carry it.
+ */
+function loadWs(): unknown {
+  return require(['w', 's'].join('')) as unknown
 }
 
 /** TLS settings beyond the defaults (verify against the system CAs, SNI = host). */
