@@ -73,6 +73,7 @@ async function measureConnect(standIn: StandIn): Promise<ConnectRow[]> {
     official: 'SSLRequest 1 + TLS 1 + startup 1 + token 1 + query 1 = 5 (no schema selected)',
     'ours-noschema': 'TLS 1 + startup 1 + token 1 + query 1 = 4',
     'byhand-tuned': 'TLS 1 + startup 1 + token 1 + query 1 = 4 (no schema, no array types)',
+    'ours-websocket': 'TLS 1 + HTTP upgrade 1 + startup 1 + token 1 + query 1 = 5',
     floor: 'TLS 1 + startup 1 + token 1 + query 1 = 4',
     'floor-eager': 'TLS 1 + startup with token 1 + query 1 = 3',
   }

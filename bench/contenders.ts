@@ -119,6 +119,12 @@ export const variants: Contender[] = [
       postgresJs(dsql({ host: t.host, hostaddr: t.hostaddr, port: t.port, sslrootcert: t.caFile, credentials: t.credentials, max: o.max, schema: false })),
   },
   {
+    key: 'ours-websocket',
+    label: "postgres-dsql, transport: 'websocket'",
+    open: (t, o) =>
+      postgresJs(dsql({ host: t.host, hostaddr: t.hostaddr, port: t.port, sslrootcert: t.caFile, credentials: t.credentials, max: o.max, transport: 'websocket' })),
+  },
+  {
     key: 'byhand-tuned',
     label: 'postgres.js + dsql-signer, direct TLS, no type fetch',
     // postgres.js 3.4.8+ reads `sslnegotiation`; its typings do not list it.

@@ -46,7 +46,7 @@ export interface DsqlOptions<T extends Types = {}> extends Omit<postgres.Options
   host?: string
   /** Alias of `host`. */
   hostname?: string
-  /** Default `PGPORT`, else 5432. */
+  /** Default `PGPORT`, else 5432 (443 with `transport: 'websocket'`). */
   port?: number
   /** Signing region (default: parsed from `host`, else AWS_REGION, AWS_DEFAULT_REGION, the profile's region). */
   region?: string
@@ -74,6 +74,8 @@ export interface DsqlOptions<T extends Types = {}> extends Omit<postgres.Options
   retry?: boolean | RetryOptions
   /** Connection events and retries. */
   logger?: DsqlLogger
+  /** `tcp` (default): PostgreSQL over TLS. `websocket`: the protocol in WebSocket messages over `wss://host/` (port 443). */
+  transport?: 'tcp' | 'websocket'
 }
 
 export type Action = 'DbConnect' | 'DbConnectAdmin'
@@ -95,6 +97,7 @@ export interface DsqlConfig {
   directFallback: boolean
   tls: ConnectionOptions
   connectTimeoutMs: number
+  transport: 'tcp' | 'websocket'
 }
 
 const ENDPOINT = /^([a-z0-9]{26})\.dsql(?:-[a-z0-9]+)?\.([a-z]{2}(?:-[a-z]+)+-\d+)\.on\.aws$/
@@ -171,7 +174,7 @@ export function resolveConfig(o: DsqlOptions<Types>, env: NodeJS.ProcessEnv = pr
   return {
     host,
     hostaddr: nonEmpty(o.hostaddr ?? env.PGHOSTADDR, 'hostaddr') ?? host,
-    port: resolvePort(o.port ?? env.PGPORT),
+    port: resolvePort(o.port ?? (env.PGPORT || (o.transport === 'websocket' ? 443 : undefined))),
     region,
     clusterId,
     user,
@@ -183,6 +186,7 @@ export function resolveConfig(o: DsqlOptions<Types>, env: NodeJS.ProcessEnv = pr
     directFallback: negotiation === undefined,
     tls,
     connectTimeoutMs: resolveConnectTimeout(o.connect_timeout),
+    transport: resolveTransport(o.transport),
   }
 }
 
@@ -410,6 +414,11 @@ function resolveConnectTimeout(value: number | undefined): number {
   const secs = value === undefined ? 30 : Number(value)
   if (!(secs > 0)) throw new DsqlConfigError('`connect_timeout` must be a positive number of seconds.')
   return secs * 1000
+}
+
+function resolveTransport(value: unknown): 'tcp' | 'websocket' {
+  if (value === undefined || value === 'tcp' || value === 'websocket') return value ?? 'tcp'
+  throw new DsqlConfigError(`\`transport\` "${String(value)}" is not "tcp" or "websocket".`)
 }
 
 function nonEmpty(value: string | undefined, name: string): string | undefined {

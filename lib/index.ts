@@ -52,7 +52,7 @@ export default dsql
 /** Options that are the connector's own, not postgres.js's. */
 const OWN = new Set([
   'host', 'hostname', 'port', 'region', 'schema', 'onconnect', 'tokenDurationSecs', 'customCredentialsProvider', 'credentials',
-  'profile', 'ssl', 'sslrootcert', 'sslnegotiation', 'hostaddr', 'retry', 'logger', 'user', 'username', 'database', 'db', 'connection',
+  'profile', 'ssl', 'sslrootcert', 'sslnegotiation', 'hostaddr', 'retry', 'logger', 'transport', 'user', 'username', 'database', 'db', 'connection',
 ])
 
 /**

@@ -7,12 +7,16 @@ import * as wire from '../wire'
 
 /**
  * Opens the transport to one endpoint: TCP to hostaddr, then TLS with SNI = host, verified;
- * direct (ALPN `postgresql`) or after an SSLRequest. Resolves to a connected duplex stream that
- * carries the PostgreSQL protocol; startup and hand-over do not care which transport it is.
+ * direct (ALPN `postgresql`) or after an SSLRequest. Or, with `transport: 'websocket'`, a
+ * WebSocket to `wss://host:port/`. Resolves to a connected duplex stream that carries the
+ * PostgreSQL protocol; startup and hand-over do not care which transport it is.
  * Rejects with a typed error; `isUnreachable()` tells the ones that point at a wrong address.
  */
 export function dial(config: DsqlConfig, deadline: number): Promise<Duplex> {
-  return openTls(config, deadline)
+  if (config.transport !== 'websocket') return openTls(config, deadline)
+  // Required only here: the TCP path never loads the WebSocket transport or `ws`.
+  const ws = require('./websocket') as typeof import('./websocket')
+  return ws.openWebSocket(config, ws.webSocketImpl(config), deadline)
 }
 
 function openTls(config: DsqlConfig, deadline: number): Promise<tls.TLSSocket> {

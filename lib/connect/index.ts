@@ -31,6 +31,8 @@ export function connector(config: DsqlConfig, mint: Mint, options: ConnectorOpti
   // One TLS context per dsql(): building it (parsing the CA) per connection costs ~0.2 ms of CPU.
   const tlsOptions = { ...config.tls, secureContext: config.tls.secureContext ?? tls.createSecureContext(config.tls) }
   config = { ...config, tls: tlsOptions }
+  // A missing `ws` fails dsql() itself, not each connection later.
+  if (config.transport === 'websocket') (require('./websocket') as typeof import('./websocket')).webSocketImpl(config)
   let negotiation = config.sslnegotiation
 
   async function open(pg: PgSocketOptions, deadline: number, signal: AbortSignal): Promise<Session> {

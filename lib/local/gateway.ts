@@ -11,6 +11,7 @@ import type { ErrorFields } from './protocol'
 import type { DialectSettings } from './relay'
 import { ClientConnection, serve, type GatewayContext } from './session'
 import type { Keyring } from './sigv4'
+import { acceptWebSocket } from './websocket'
 
 /**
  * Server misbehaviour on demand, for testing clients (all off by default). closeAt: close new
@@ -85,6 +86,7 @@ export class Gateway {
       dialect: options.dialect,
       iamArn: options.iamArn,
       faults: () => this.faults,
+      webSocket: acceptWebSocket,
     }
   }
 

@@ -15,7 +15,7 @@
  * what is in flight: simple queries, Executes and Syncs, in order.
  */
 import type { Socket } from 'node:net'
-import type { TLSSocket } from 'node:tls'
+import type { Duplex } from 'node:stream'
 import { Frames } from '../wire'
 import { asConflict, withoutInternals } from './conflicts'
 import { SERVER_VERSION, type Dialect, type Statement } from './dialect'
@@ -309,7 +309,7 @@ export function serverParameter(message: Buffer): Buffer {
  * Relays a session through `session`: whole messages each way, with backpressure (a side whose
  * peer cannot keep up is paused until the peer drains).
  */
-export function relayMessages(client: TLSSocket, server: Socket, session: DialectSession): void {
+export function relayMessages(client: Duplex, server: Socket, session: DialectSession): void {
   const fromClient = new Frames()
   const fromServer = new Frames()
   client.on('data', (chunk: Buffer) => {

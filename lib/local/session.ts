@@ -5,6 +5,7 @@
  * PostgreSQL with the same startup parameters and relay bytes both ways.
  */
 import type { Socket } from 'node:net'
+import type { Duplex } from 'node:stream'
 import { TLSSocket, type SecureContext } from 'node:tls'
 import { DelayedDuplex } from './latency'
 import type { Limits } from './limits'
@@ -32,6 +33,7 @@ import { DialectSession, relayMessages, serverParameter, type DialectSettings } 
 import { ADMIN_USER, verifyToken, type Keyring } from './sigv4'
 import { errorFromFields, parameterStatus } from './frames'
 import type { GatewayFaults } from './gateway'
+import { HTTP_ALPN } from './websocket'
 
 export const ALPN = 'postgresql'
 const DATABASE = 'postgres'
@@ -61,7 +63,12 @@ export interface GatewayContext {
   iamArn?: string
   /** Misbehaviour switched on for tests (gateway.ts). */
   faults(): GatewayFaults
+  /** Direct TLS without ALPN "postgresql": an HTTP request, upgraded to a WebSocket that carries the protocol. */
+  webSocket?: (secured: TLSSocket) => Promise<Secured | undefined>
 }
+
+/** Where the protocol runs once TLS is up: the TLS socket, or a WebSocket carried in it. */
+export type Secured = Duplex & Pick<TLSSocket, 'servername'>
 
 type Startup = { kind: 'cancel'; packet: Buffer } | { kind: 'startup'; params: Record<string, string> }
 
@@ -150,7 +157,7 @@ export async function serve(connection: ClientConnection, context: GatewayContex
 }
 
 /** Until TLS is up: SSLRequest, direct TLS (ClientHello first), GSSENCRequest; plaintext refused. */
-async function negotiate(connection: ClientConnection, context: GatewayContext): Promise<TLSSocket | undefined> {
+async function negotiate(connection: ClientConnection, context: GatewayContext): Promise<Secured | undefined> {
   const stream = connection.stream
   for (;;) {
     const first = await readBytes(stream, 1)
@@ -188,8 +195,9 @@ async function negotiate(connection: ClientConnection, context: GatewayContext):
   }
 }
 
-async function startTls(connection: ClientConnection, context: GatewayContext, direct: boolean): Promise<TLSSocket | undefined> {
-  const secured = new TLSSocket(connection.stream, { isServer: true, secureContext: context.secureContext, ALPNProtocols: [ALPN] })
+async function startTls(connection: ClientConnection, context: GatewayContext, direct: boolean): Promise<Secured | undefined> {
+  const ALPNProtocols = context.webSocket ? [ALPN, HTTP_ALPN] : [ALPN]
+  const secured = new TLSSocket(connection.stream, { isServer: true, secureContext: context.secureContext, ALPNProtocols })
   connection.tls = secured
   // Listening from the start: a second 'error' event must never go unhandled.
   secured.on('error', () => connection.destroy())
@@ -197,6 +205,7 @@ async function startTls(connection: ClientConnection, context: GatewayContext, d
     secured.once('secure', resolve)
     secured.once('error', reject)
   })
+  if (direct && secured.alpnProtocol !== ALPN && context.webSocket) return context.webSocket(secured)
   // PostgreSQL 17 refuses direct TLS without ALPN: the bytes inside might be anything.
   if (direct && secured.alpnProtocol !== ALPN) {
     context.count('rejected')
@@ -207,7 +216,7 @@ async function startTls(connection: ClientConnection, context: GatewayContext, d
   return secured
 }
 
-async function readStartup(secured: TLSSocket): Promise<Startup | ErrorFields> {
+async function readStartup(secured: Secured): Promise<Startup | ErrorFields> {
   const header = await readBytes(secured, 8)
   const length = header.readUInt32BE(0)
   const code = header.readUInt32BE(4)
@@ -241,7 +250,7 @@ function admission(connection: ClientConnection, params: Record<string, string>,
  */
 async function openSession(
   connection: ClientConnection,
-  secured: TLSSocket,
+  secured: Secured,
   params: Record<string, string>,
   context: GatewayContext,
   faults: GatewayFaults,
@@ -305,7 +314,7 @@ async function mappedToIam(backend: Socket, arn: string): Promise<boolean> {
 }
 
 /** With the dialect, message by message (relay.ts); without it, a plain byte relay. */
-function relay(connection: ClientConnection, client: TLSSocket, server: Socket, dialect: DialectSettings | undefined): void {
+function relay(connection: ClientConnection, client: Secured, server: Socket, dialect: DialectSettings | undefined): void {
   if (dialect) relayMessages(client, server, new DialectSession(dialect))
   else {
     client.pipe(server)
@@ -316,7 +325,7 @@ function relay(connection: ClientConnection, client: TLSSocket, server: Socket, 
   server.on('close', () => linger(connection, client))
 }
 
-async function forwardCancel(connection: ClientConnection, secured: TLSSocket, packet: Buffer, context: GatewayContext): Promise<void> {
+async function forwardCancel(connection: ClientConnection, secured: Secured, packet: Buffer, context: GatewayContext): Promise<void> {
   const backend = context.connectBackend()
   connection.backend = backend
   backend.on('error', () => connection.destroy())
@@ -326,7 +335,7 @@ async function forwardCancel(connection: ClientConnection, secured: TLSSocket, p
   linger(connection, secured)
 }
 
-function refuse(connection: ClientConnection, secured: TLSSocket, context: GatewayContext, error: ErrorFields): void {
+function refuse(connection: ClientConnection, secured: Secured, context: GatewayContext, error: ErrorFields): void {
   context.count('rejected')
   context.logger.debug?.(`postgres-dsql local #${connection.id}: refused: ${error.code} ${error.message}${error.hint ? ` (${error.hint})` : ''}`)
   secured.write(errorResponse(error))
@@ -334,7 +343,7 @@ function refuse(connection: ClientConnection, secured: TLSSocket, context: Gatew
 }
 
 /** Ends our side and leaves the client a moment to read what was sent before the socket goes. */
-function linger(connection: ClientConnection, secured: TLSSocket): void {
+function linger(connection: ClientConnection, secured: Secured): void {
   secured.end()
   connection.timer(LINGER_MS, () => connection.destroy())
 }
