@@ -10,8 +10,7 @@
  *   await local.stop()
  */
 import { randomBytes, randomInt } from 'node:crypto'
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
-import { tmpdir } from 'node:os'
+import { rmSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { performance } from 'node:perf_hooks'
 import type { AwsCredentialIdentity } from '@smithy/types'
@@ -22,7 +21,7 @@ import { Dialect } from './dialect'
 import { Gateway, LOOPBACK, type GatewayStats } from './gateway'
 import type { Limits } from './limits'
 import type { Logger } from './logger'
-import { startPostgres, SUPERUSER, type PostgresServer } from './postgres'
+import { makeBaseDir, startPostgres, SUPERUSER, type PostgresServer } from './postgres'
 import type { DialectSettings } from './relay'
 import { ADMIN_USER, Keyring } from './sigv4'
 
@@ -130,7 +129,7 @@ export async function startLocalDsql(options: LocalDsqlOptions = {}): Promise<Lo
     limits: { maxAgeMs: positive('transactionAgeSecs', dialectOptions.transactionAgeSecs ?? 300) * 1000 },
   }
 
-  const baseDir = mkdtempSync(join(tmpdir(), 'postgres-dsql-local-'))
+  const baseDir = makeBaseDir()
   const removeDir = () => rmSync(baseDir, { recursive: true, force: true, maxRetries: 3 })
   let postgres: PostgresServer | undefined
   const unregister = onProcessExit(() => {
