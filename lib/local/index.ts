@@ -21,6 +21,7 @@ import { Dialect } from './dialect'
 import { Gateway, LOOPBACK, type GatewayStats } from './gateway'
 import type { Limits } from './limits'
 import type { Logger } from './logger'
+import { checkPeers } from './peers'
 import { makeBaseDir, startPostgres, SUPERUSER, type PostgresServer } from './postgres'
 import type { DialectSettings } from './relay'
 import { ADMIN_USER, Keyring } from './sigv4'
@@ -123,7 +124,8 @@ export async function startLocalDsql(options: LocalDsqlOptions = {}): Promise<Lo
     maxTransactionRows: positive('maxTransactionRows', dialectOptions?.maxTransactionRows ?? 3000),
     maxTransactionBytes: positive('maxTransactionBytes', dialectOptions?.maxTransactionBytes ?? 10 * 1024 * 1024),
   }
-  // Loaded before anything starts: a missing parser is a clear error, not a half-started stand-in.
+  // Before anything starts: every missing peer in one clear error, not a half-started stand-in.
+  checkPeers(dialectOptions !== undefined)
   const dialect: DialectSettings | undefined = dialectOptions && {
     dialect: await Dialect.load(),
     limits: { maxAgeMs: positive('transactionAgeSecs', dialectOptions.transactionAgeSecs ?? 300) * 1000 },
