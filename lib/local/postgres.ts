@@ -5,7 +5,7 @@
  * DSQL cluster: `admin` owns the database and `public`, other login roles get `myschema`.
  */
 import { spawn, type ChildProcess } from 'node:child_process'
-import { chmodSync, chownSync, closeSync, mkdirSync, mkdtempSync, openSync, readFileSync } from 'node:fs'
+import { chmodSync, chownSync, closeSync, mkdirSync, mkdtempSync, openSync, readFileSync, realpathSync } from 'node:fs'
 import { connect, type Socket } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -115,18 +115,19 @@ function processOwner(): ProcessOwner | undefined {
  * server's user can enter: a private TMPDIR (`mktemp -d`, under /root) would lock it out, and
  * /tmp is the usual way around. The directory itself is then 0711: enter, not list.
  */
-export function makeBaseDir(): string {
+export function makeBaseDir(parents = [tmpdir(), '/tmp', '/var/tmp', '/dev/shm']): string {
   const owner = processOwner()
-  if (!owner) return mkdtempSync(join(tmpdir(), 'postgres-dsql-local-'))
+  if (!owner) return mkdtempSync(join(parents[0], 'postgres-dsql-local-'))
   const blocked: string[] = []
-  for (const parent of new Set([tmpdir(), '/tmp', '/var/tmp', '/dev/shm'])) {
+  for (const parent of new Set(parents)) {
     const at = blockedAt(parent, owner)
     if (at) {
       blocked.push(`${parent} (${at} is closed to it)`)
       continue
     }
     try {
-      const dir = mkdtempSync(join(parent, 'postgres-dsql-local-'))
+      // Its real path: the one whose folders were checked (TMPDIR may be a link).
+      const dir = realpathSync(mkdtempSync(join(parent, 'postgres-dsql-local-')))
       chmodSync(dir, 0o711)
       return dir
     } catch (err) {
