@@ -3,7 +3,7 @@
  * Every temporary folder of the run (tests', child processes') goes into one private TMPDIR that
  * the global teardown removes, and any unhandled error of any process fails the run.
  */
-import { mkdtempSync } from 'node:fs'
+import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { startLocalDsql, type LocalDsql } from '../../lib/local'
@@ -23,7 +23,11 @@ export default async function globalSetup(): Promise<void> {
   process.env.TMPDIR = runDir
   process.env[ERRORS_FILE_ENV] = join(runDir, 'unhandled-errors.log')
   recordUnhandledErrors()
-  const local = await startLocalDsql({ roles: ['appuser'] })
+  // jest skips the global teardown when the setup fails: clean up here then.
+  const local = await startLocalDsql({ roles: ['appuser'] }).catch((err: unknown) => {
+    rmSync(runDir, { recursive: true, force: true })
+    throw err
+  })
   globalThis.__DSQL_LOCAL__ = local
   process.env.DSQL_TEST_TARGET = JSON.stringify({
     host: local.host,
