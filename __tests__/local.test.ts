@@ -14,6 +14,7 @@ import type { AwsCredentialIdentity } from '@smithy/types'
 import postgres from 'postgres'
 import { startLocalDsql, type LocalDsql } from '../lib/local'
 import { DEFAULT_LIMITS } from '../lib/local/limits'
+import { until } from './helpers/until'
 import { PgServerError, plaintextStartup, secureSocket, WireClient, type PgErrorFields, type WireOptions } from './helpers/wire'
 
 let local: LocalDsql
@@ -35,7 +36,6 @@ afterEach(() => {
 })
 
 const ACCESS_DENIED = { severity: 'FATAL', code: '08006', message: 'unable to accept connection, access denied' }
-const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
 
 /** A real token from the AWS signer, as every DSQL client makes it. */
 function token(user: string, over: { hostname?: string; region?: string; credentials?: AwsCredentialIdentity; expiresIn?: number } = {}): Promise<string> {
@@ -82,18 +82,23 @@ async function refusal(over: Partial<WireOptions> = {}): Promise<PgErrorFields> 
   return client.fields
 }
 
-async function waitFor(condition: () => boolean, timeoutMs = 5000): Promise<void> {
-  const deadline = Date.now() + timeoutMs
-  while (!condition()) {
-    if (Date.now() > deadline) throw new Error('condition not reached')
-    await sleep(10)
+const waitFor = (condition: () => boolean) => until('gateway state', condition)
+
+/** Waits until a session runs `text`: a cancel sent earlier would find nothing to cancel. */
+async function running(text: string): Promise<void> {
+  const watcher = await connect()
+  const sql = `select count(*) from pg_stat_activity where state = 'active' and query = '${text}'`
+  try {
+    await until(`a session running ${text}`, async () => (await watcher.query(sql)).rows[0][0] !== '0')
+  } finally {
+    await watcher.close()
   }
 }
 
 describe('connecting', () => {
   test('starts quickly: PostgreSQL, certificates and gateway ready for a first query', () => {
     expect(startupMs).toBeGreaterThan(0)
-    expect(startupMs).toBeLessThan(10_000)
+    expect(startupMs).toBeLessThan(30_000) // generous: a bound, not a benchmark (see bench/)
   })
 
   test.each(['direct', 'sslrequest'] as const)('admin with a DbConnectAdmin token over %s TLS', async (negotiation) => {
@@ -161,11 +166,11 @@ describe('connecting', () => {
       } as postgres.Options<{}>)
       try {
         expect(await sql`select current_user as user`).toEqual([{ user: 'admin' }])
-        const query = sql`select pg_sleep(10)`
-        setTimeout(() => query.cancel(), 200)
-        const started = Date.now()
-        await expect(query).rejects.toMatchObject({ code: '57014' })
-        expect(Date.now() - started).toBeLessThan(3000)
+        const query = sql`select pg_sleep(60)`
+        const outcome = query.then(() => 'finished', (e: unknown) => e)
+        await running('select pg_sleep(60)')
+        await query.cancel()
+        expect(await outcome).toMatchObject({ code: '57014' })
       } finally {
         await sql.end({ timeout: 1 })
       }
@@ -174,12 +179,11 @@ describe('connecting', () => {
 
   test('a cancel request on its own TLS connection reaches the backend', async () => {
     const client = await connect()
-    const started = Date.now()
-    const running = client.query('select pg_sleep(10)')
-    await sleep(200)
+    const sleeping = client.query('select pg_sleep(60)')
+    sleeping.catch(() => undefined) // awaited below
+    await running('select pg_sleep(60)')
     await client.cancel()
-    await expect(running).rejects.toMatchObject({ fields: { code: '57014' } })
-    expect(Date.now() - started).toBeLessThan(3000)
+    await expect(sleeping).rejects.toMatchObject({ fields: { code: '57014' } })
     expect((await client.query('select 1')).rows).toEqual([['1']])
     await client.close()
   })
@@ -315,7 +319,7 @@ describe('limits', () => {
     await client.closed
     const lived = Date.now() - started
     expect(lived).toBeGreaterThanOrEqual(900)
-    expect(lived).toBeLessThan(3000)
+    expect(lived).toBeLessThan(15_000) // generous; without the limit it would never close
     await expect(client.query('select 1')).rejects.toThrow()
   })
 
@@ -351,12 +355,11 @@ describe('limits', () => {
       await client.close()
       return elapsed
     }
-    const fast = await timed()
     local.setLimits({ latencyMs: 100 })
     const slow = await timed()
-    // Handshake, startup, password, query: at least four round trips.
+    // Handshake, startup, password, query: at least four round trips. Only lower bounds: a busy
+    // machine makes anything slower, never faster.
     expect(slow).toBeGreaterThanOrEqual(390)
-    expect(slow - fast).toBeGreaterThanOrEqual(350)
   })
 
   test('stats count accepted, authenticated, rejected and open connections', async () => {

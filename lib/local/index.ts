@@ -10,8 +10,7 @@
  *   await local.stop()
  */
 import { randomBytes, randomInt } from 'node:crypto'
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
-import { tmpdir } from 'node:os'
+import { rmSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { performance } from 'node:perf_hooks'
 import type { AwsCredentialIdentity } from '@smithy/types'
@@ -23,7 +22,8 @@ import { Gateway, LOOPBACK, type GatewayFaults, type GatewayStats } from './gate
 import { Control } from './jobs'
 import type { Limits } from './limits'
 import type { Logger } from './logger'
-import { startPostgres, SUPERUSER, type PostgresServer } from './postgres'
+import { checkPeers } from './peers'
+import { makeBaseDir, startPostgres, SUPERUSER, type PostgresServer } from './postgres'
 import type { DialectSettings } from './relay'
 import type { SessionSettingsMode } from './settings'
 import { MAX_RESULT_BYTES } from './transaction'
@@ -150,7 +150,8 @@ export async function startLocalDsql(options: LocalDsqlOptions = {}): Promise<Lo
     maxTransactionRows: positive('maxTransactionRows', dialectOptions?.maxTransactionRows ?? 3000),
     maxTransactionBytes: positive('maxTransactionBytes', dialectOptions?.maxTransactionBytes ?? 10 * 1024 * 1024),
   }
-  // Loaded before anything starts: a missing parser is a clear error, not a half-started stand-in.
+  // Before anything starts: every missing peer in one clear error, not a half-started stand-in.
+  checkPeers(dialectOptions !== undefined)
   const jobMinMs = nonNegativeMs('asyncJobMinMs', dialectOptions?.asyncJobMinMs ?? 200)
   let quotas = DEFAULT_QUOTAS
   const dialect: DialectSettings | undefined = dialectOptions && {
@@ -158,7 +159,7 @@ export async function startLocalDsql(options: LocalDsqlOptions = {}): Promise<Lo
     limits: { maxAgeMs: positive('transactionAgeSecs', dialectOptions.transactionAgeSecs ?? 300) * 1000, maxResultBytes: MAX_RESULT_BYTES },
   }
 
-  const baseDir = mkdtempSync(join(tmpdir(), 'postgres-dsql-local-'))
+  const baseDir = makeBaseDir()
   const removeDir = () => rmSync(baseDir, { recursive: true, force: true, maxRetries: 3 })
   let postgres: PostgresServer | undefined
   const unregister = onProcessExit(() => {

@@ -5,10 +5,11 @@
  * DSQL cluster: `admin` owns the database and `public`, other login roles get `myschema`.
  */
 import { spawn, type ChildProcess } from 'node:child_process'
-import { chownSync, closeSync, mkdirSync, openSync, readFileSync } from 'node:fs'
+import { chmodSync, chownSync, closeSync, mkdirSync, mkdtempSync, openSync, readFileSync, realpathSync } from 'node:fs'
 import { connect, type Socket } from 'node:net'
+import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { findBinaries, type Binaries, type ProcessOwner } from './binaries'
+import { blockedAt, findBinaries, type ProcessOwner } from './binaries'
 import { startWatchdog } from './cleanup'
 import type { Logger } from './logger'
 import { parseErrorFields, queryMessage, quoteIdentifier, readMessage, startupMessage, terminateMessage } from './protocol'
@@ -24,14 +25,12 @@ const READY_TIMEOUT_MS = 30_000
 const STOP_TIMEOUT_MS = 10_000
 
 export interface PostgresOptions {
-  /** A new empty directory that this server may fill; removed by the caller. */
+  /** A new empty directory from makeBaseDir() that this server may fill; removed by the caller. */
   baseDir: string
   roles: string[]
   logger: Logger
   /** PostgreSQL's max_connections; default 1000 (the gateway's own limit, default 10,000, is DSQL's). */
   maxConnections?: number
-  /** Which binaries to run; default: found by findBinaries(). */
-  binaries?: Binaries
   /** More server settings (postgres -c), e.g. the dialect's limits. */
   settings?: Record<string, string | number>
   /** Run as the superuser after the roles are set up (the dialect's catalog objects). */
@@ -55,20 +54,21 @@ export interface PostgresServer {
 export async function startPostgres(options: PostgresOptions): Promise<PostgresServer> {
   const { baseDir, logger } = options
   const owner = processOwner()
-  const binaries = options.binaries ?? findBinaries(owner, logger)
-  const dataDir = join(baseDir, 'data')
-  const socketDir = join(baseDir, 'run')
-  mkdirSync(socketDir, { mode: 0o700 })
-  // PostgreSQL refuses to run as root: it runs as `nobody`, which must own what it writes.
-  if (owner) for (const dir of [baseDir, socketDir]) chownSync(dir, owner.uid, owner.gid)
+  const binaries = findBinaries(owner, logger, baseDir)
+  // The server's own files, in a folder of their own: as root, owned by the user it runs as.
+  const serverDir = join(baseDir, 'server')
+  const dataDir = join(serverDir, 'data')
+  const socketDir = join(serverDir, 'run')
+  mkdirSync(socketDir, { recursive: true, mode: 0o700 })
+  if (owner) for (const dir of [serverDir, socketDir]) chownSync(dir, owner.uid, owner.gid)
 
   await run(
     join(binaries.binDir, 'initdb'),
     ['-D', dataDir, '-U', SUPERUSER, '--auth=trust', '--encoding=UTF8', '--locale=C', '--no-sync', '--no-instructions'],
     owner,
-    baseDir,
+    serverDir,
   )
-  const logFile = join(baseDir, 'postgres.log')
+  const logFile = join(serverDir, 'postgres.log')
   const settings = {
     max_connections: options.maxConnections ?? 1000,
     // DSQL takes no locks: where PostgreSQL would wait for another writer, fail within
@@ -104,10 +104,41 @@ export async function startPostgres(options: PostgresOptions): Promise<PostgresS
   return server
 }
 
-/** When running as root, the unprivileged user to run PostgreSQL as. */
+/** When running as root, the unprivileged user to run PostgreSQL as (`nobody`). */
 function processOwner(): ProcessOwner | undefined {
   if (process.geteuid?.() !== 0) return undefined
   return { uid: 65534, gid: 65534 }
+}
+
+/**
+ * A new private directory for one server, in the temporary folder, or, as root, in a folder the
+ * server's user can enter: a private TMPDIR (`mktemp -d`, under /root) would lock it out, and
+ * /tmp is the usual way around. The directory itself is then 0711: enter, not list.
+ */
+export function makeBaseDir(parents = [tmpdir(), '/tmp', '/var/tmp', '/dev/shm']): string {
+  const owner = processOwner()
+  if (!owner) return mkdtempSync(join(parents[0], 'postgres-dsql-local-'))
+  const blocked: string[] = []
+  for (const parent of new Set(parents)) {
+    const at = blockedAt(parent, owner)
+    if (at) {
+      blocked.push(`${parent} (${at} is closed to it)`)
+      continue
+    }
+    try {
+      // Its real path: the one whose folders were checked (TMPDIR may be a link).
+      const dir = realpathSync(mkdtempSync(join(parent, 'postgres-dsql-local-')))
+      chmodSync(dir, 0o711)
+      return dir
+    } catch (err) {
+      blocked.push(`${parent} (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`)
+    }
+  }
+  throw new Error(
+    `postgres-dsql local: PostgreSQL refuses to run as root, so it runs as uid ${owner.uid}, and that user can enter ` +
+      `no temporary folder: ${blocked.join(', ')}. Set TMPDIR to a folder every user can enter ` +
+      '(e.g. `mkdir -m 1777 /var/tmp/dsql && TMPDIR=/var/tmp/dsql`), or run as a user other than root.',
+  )
 }
 
 /** Environment for the server: ours, minus PG* variables that would redirect initdb or postgres. */
