@@ -189,7 +189,11 @@ describe('failures over WebSocket', () => {
   test('the connection cut mid-query: a typed error, and the pool recovers', async () => {
     const proxy = await relay()
     try {
-      await using({ max: 1, port: proxy.port }, async (sql) => {
+      // postgres.js learns of the loss from the error at once, and of the close a moment later:
+      // the next query waits for that close, as a retrying application does.
+      let closed!: () => void
+      const gone = new Promise<void>((resolve) => (closed = resolve))
+      await using({ max: 1, port: proxy.port, onclose: () => closed() }, async (sql) => {
         const [{ pid }] = await sql`select pg_backend_pid() as pid`
         const query = sql`select pg_sleep(30)`.catch((e: unknown) => e)
         const watch = dsql(connectOptions())
@@ -202,6 +206,7 @@ describe('failures over WebSocket', () => {
         const err = await query
         expect(err).toBeInstanceOf(DsqlConnectionError)
         expect((err as Error).message).toMatch(/WebSocket .* closed \(code 1006\)/)
+        await gone
         const [{ again }] = await sql`select pg_backend_pid() as again`
         expect(again).not.toBe(pid)
       })

@@ -1,6 +1,6 @@
 import { Duplex } from 'node:stream'
 import type { DsqlLogger } from '../config'
-import { DsqlConnectionError } from '../errors'
+import { DsqlConnectionError, DsqlError } from '../errors'
 import * as wire from '../wire'
 
 /** An open DSQL session, ready to be handed to postgres.js. */
@@ -198,7 +198,8 @@ export class Handover extends Duplex {
     if (this.state !== 'open' || this.destroyed) return
     this.state = 'done'
     this.transport = null
-    const how = err ? `failed (${err.code ?? err.message})` : 'was closed by the server'
+    // A transport's own typed error (a WebSocket's close code) says more than its code.
+    const how = err instanceof DsqlError ? `failed: ${err.message}` : err ? `failed (${err.code ?? err.message})` : 'was closed by the server'
     this.emitError(new DsqlConnectionError(`The connection to ${this.opener.where} ${how}.`, { retryable: true, code: 'CONNECTION_CLOSED', cause: err }))
     this.closeSoon()
   }
