@@ -236,6 +236,60 @@ describe('a server that closes at each startup step', () => {
       })
 })
 
+describe('a FATAL error, then the server closes the connection', () => {
+  test('pg_terminate_backend: the query fails with 57P01, and the next query on the slot succeeds', async () => {
+    const sql = open({ max: 1 })
+    const admin = open({ max: 1 })
+    try {
+      const [{ pid }] = await sql`select pg_backend_pid() as pid`
+      const query = failure(sql`select pg_sleep(20)`)
+      await running('select pg_sleep(20)', 1)
+      await admin`select pg_terminate_backend(${pid}::int)`
+      expect(await within(query)).toMatchObject({ code: '57P01' })
+      // postgres.js keeps the FATAL error for the slot's next connection unless told otherwise.
+      expect([...((await within(sql`select 3 as n`)) as postgres.RowList<postgres.Row[]>)]).toEqual([{ n: 3 }])
+    } finally {
+      await Promise.all([sql.end({ timeout: 5 }), admin.end()])
+    }
+  })
+
+  test('inside sql.begin: the transaction rejects, the process lives, the pool works', async () => {
+    const sql = open({ max: 1 })
+    const admin = open({ max: 1 })
+    try {
+      let pid = 0
+      const tx = failure(
+        sql.begin(async (t) => {
+          ;[{ pid }] = await t`select pg_backend_pid() as pid`
+          await t`select pg_sleep(20)`
+        }),
+      )
+      await running('select pg_sleep(20)', 1)
+      await admin`select pg_terminate_backend(${pid}::int)`
+      expect(await within(tx)).toMatchObject({ code: expect.stringMatching(/^(57P01|CONNECTION_CLOSED)$/) })
+      await sleep(100)
+      expect([...((await within(sql`select 8 as n`)) as postgres.RowList<postgres.Row[]>)]).toEqual([{ n: 8 }])
+    } finally {
+      await Promise.all([sql.end({ timeout: 5 }), admin.end()])
+    }
+  })
+
+  test('over WebSocket: the query fails with 57P01, and the next query on the slot succeeds', async () => {
+    const sql = open({ max: 1, transport: 'websocket' })
+    const admin = open({ max: 1 })
+    try {
+      const [{ pid }] = await sql`select pg_backend_pid() as pid`
+      const query = failure(sql`select pg_sleep(20)`)
+      await running('select pg_sleep(20)', 1)
+      await admin`select pg_terminate_backend(${pid}::int)`
+      expect(await within(query)).toMatchObject({ code: '57P01' })
+      expect([...((await within(sql`select 9 as n`)) as postgres.RowList<postgres.Row[]>)]).toEqual([{ n: 9 }])
+    } finally {
+      await Promise.all([sql.end({ timeout: 5 }), admin.end()])
+    }
+  })
+})
+
 describe('connection loss in transactions', () => {
   test('inside sql.begin with more statements queued: no stale ROLLBACK reaches the next connection', async () => {
     const sql = open({ max: 1 })
