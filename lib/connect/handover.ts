@@ -1,6 +1,6 @@
 import { Duplex } from 'node:stream'
 import type { DsqlLogger } from '../config'
-import { DsqlConnectionError } from '../errors'
+import { DsqlConnectionError, DsqlError } from '../errors'
 import * as wire from '../wire'
 
 /** An open DSQL session, ready to be handed to postgres.js. */
@@ -250,16 +250,16 @@ export class Handover extends Duplex {
     // then the close: postgres.js would keep that error and fail the slot's next connection with
     // it (its closed() does not reset it). The ReadyForQuery the server never sent settles it:
     // the query fails with the server's own error, and nothing stale remains.
-    // Outside a transaction the 'close' follows at once, so that the next query goes to a new
-    // connection rather than this dead one (in one, a ROLLBACK still has to be written first).
-    if (this.awaiting > 0 && this.fromPeer.after === ERROR) {
-      const idle = this.status === IDLE
-      this.push(READY_IDLE)
-      if (idle) return void process.nextTick(() => this.destroy())
+    if (this.awaiting > 0 && this.fromPeer.after === ERROR) this.push(READY_IDLE)
+    else {
+      // A typed error of the transport (the WebSocket's close code) says more than its code.
+      const how = !err ? 'was closed by the server' : err instanceof DsqlError ? `failed: ${err.message.replace(/\.$/, '')}` : `failed (${err.code ?? err.message})`
+      this.emitError(new DsqlConnectionError(`The connection to ${this.opener.where} ${how}.`, { retryable: true, code: 'CONNECTION_CLOSED', cause: err }))
     }
-    const how = err ? `failed (${err.code ?? err.message})` : 'was closed by the server'
-    this.emitError(new DsqlConnectionError(`The connection to ${this.opener.where} ${how}.`, { retryable: true, code: 'CONNECTION_CLOSED', cause: err }))
-    this.closeSoon()
+    // Outside a transaction nothing more is written: 'close' follows before the failed queries'
+    // reactions run, so that a caller's next query goes to a new connection, not this dead one.
+    if (this.status === IDLE) process.nextTick(() => this.destroy())
+    else this.closeSoon()
   }
 
   /**
