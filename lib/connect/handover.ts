@@ -33,6 +33,40 @@ type State = 'new' | 'opening' | 'open' | 'failed' | 'done'
 /** ReadyForQuery, idle: after a failed open while the pool ends, it makes postgres.js terminate the connection. */
 const READY_IDLE = Buffer.from([0x5a, 0, 0, 0, 5, 0x49])
 const TERMINATE = 0x58
+const [QUERY, SYNC, READY, ERROR, IDLE] = [0x51, 0x53, 0x5a, 0x45, 0x49]
+
+/** Follows message boundaries in a byte stream without copying it: each message's type and last byte as it completes. */
+class Boundaries {
+  private header: number[] = []
+  private remaining = 0
+  /** Type of the last complete message, 0 while one is incomplete. */
+  after = 0
+
+  scan(chunk: Buffer, onMessage: (type: number, last: number) => unknown): void {
+    for (let i = 0; i < chunk.length; ) {
+      if (this.remaining === 0) {
+        if (this.header.length === 5) this.header = []
+        while (this.header.length < 5 && i < chunk.length) this.header.push(chunk[i++])
+        if (this.header.length < 5) return void (this.after = 0)
+        const [, a, b, c, d] = this.header
+        this.remaining = ((a << 24) | (b << 16) | (c << 8) | d) - 4
+        if (this.remaining <= 0) this.complete(d, onMessage)
+        else this.after = 0
+        continue
+      }
+      const n = Math.min(this.remaining, chunk.length - i)
+      this.remaining -= n
+      i += n
+      if (this.remaining === 0) this.complete(chunk[i - 1], onMessage)
+    }
+  }
+
+  private complete(last: number, onMessage: (type: number, last: number) => unknown): void {
+    this.remaining = 0
+    this.after = this.header[0]
+    onMessage(this.after, last)
+  }
+}
 
 /**
  * The stream postgres.js owns for one connection. Nothing is opened until postgres.js's first
@@ -55,6 +89,13 @@ export class Handover extends Duplex {
   private pipelined: string | null = null
   private keepAlive: [boolean, number] | null = null
   private ended = false
+  /** Message boundaries both ways, to tell a lost session's last answer (see lost()). */
+  private readonly fromClient = new Boundaries()
+  private readonly fromPeer = new Boundaries()
+  /** Requests (Query, Sync) postgres.js sent that no ReadyForQuery answered yet. */
+  private awaiting = 0
+  /** The transaction status of the last ReadyForQuery: 'I' (0x49) idle, 'T' or 'E' in a transaction. */
+  private status = IDLE
 
   constructor(private readonly opener: Opener) {
     super({ allowHalfOpen: false })
@@ -167,6 +208,8 @@ export class Handover extends Duplex {
   private send(chunk: Buffer, callback: () => void): void {
     const transport = this.transport
     if (!transport) return callback()
+    // Before the pipelined SET is prepended: its ReadyForQuery is removed from what postgres.js reads.
+    this.fromClient.scan(chunk, (type) => (type === QUERY || type === SYNC) && this.awaiting++)
     if (this.pipelined) {
       chunk = Buffer.concat([wire.queryMessage(this.pipelined), chunk])
       this.pipelined = null
@@ -177,6 +220,11 @@ export class Handover extends Duplex {
 
   private fromServer(chunk: Buffer): void {
     if (this.stripping) chunk = this.strip(this.stripping, chunk)
+    this.fromPeer.scan(chunk, (type, last) => {
+      if (type !== READY) return
+      if (this.awaiting > 0) this.awaiting--
+      this.status = last
+    })
     if (chunk.length && !this.push(chunk)) this.transport?.pause()
   }
 
@@ -198,10 +246,20 @@ export class Handover extends Duplex {
     if (this.state !== 'open' || this.destroyed) return
     this.state = 'done'
     this.transport = null
-    // A transport's own typed error (a WebSocket's close code) says more than its code.
-    const how = err instanceof DsqlError ? `failed: ${err.message}` : err ? `failed (${err.code ?? err.message})` : 'was closed by the server'
-    this.emitError(new DsqlConnectionError(`The connection to ${this.opener.where} ${how}.`, { retryable: true, code: 'CONNECTION_CLOSED', cause: err }))
-    this.closeSoon()
+    // A request answered with an ErrorResponse (a FATAL one, as pg_terminate_backend sends) and
+    // then the close: postgres.js would keep that error and fail the slot's next connection with
+    // it (its closed() does not reset it). The ReadyForQuery the server never sent settles it:
+    // the query fails with the server's own error, and nothing stale remains.
+    if (this.awaiting > 0 && this.fromPeer.after === ERROR) this.push(READY_IDLE)
+    else {
+      // A typed error of the transport (the WebSocket's close code) says more than its code.
+      const how = !err ? 'was closed by the server' : err instanceof DsqlError ? `failed: ${err.message.replace(/\.$/, '')}` : `failed (${err.code ?? err.message})`
+      this.emitError(new DsqlConnectionError(`The connection to ${this.opener.where} ${how}.`, { retryable: true, code: 'CONNECTION_CLOSED', cause: err }))
+    }
+    // Outside a transaction nothing more is written: 'close' follows before the failed queries'
+    // reactions run, so that a caller's next query goes to a new connection, not this dead one.
+    if (this.status === IDLE) process.nextTick(() => this.destroy())
+    else this.closeSoon()
   }
 
   /**

@@ -125,7 +125,7 @@ class Reader {
   private queries: Promise<unknown> = Promise.resolve()
   /** Once a statement of the user's went out, a lost connection must not be retried. */
   private statementSent = false
-  /** ParameterStatus messages the hook's queries brought: postgres.js is to see them too. */
+  /** ParameterStatus and NoticeResponse messages the hook's queries brought: postgres.js is to see them too. */
   readonly reported: Buffer[] = []
   private detached = false
   /** Rejects when the session fails or times out: every wait in `startup` races it. */
@@ -188,7 +188,9 @@ class Reader {
       if (type === 'T') columns = wire.columnNames(message)
       else if (type === 'D') rows.push(Object.fromEntries(wire.rowValues(message).map((v, i) => [columns[i], v])))
       else if (type === 'E') error = sessionError(wire.errorFields(message), sql)
-      else if (type === 'S') this.reported.push(message)
+      // postgres.js sees these as if it had run the queries: parameters and notices (a notice sent
+      // right after startup is read here too, and must reach onnotice as it does without a hook).
+      else if (type === 'S' || type === 'N') this.reported.push(message)
       else if (type === 'Z') {
         if (error) throw error
         return rows
