@@ -368,3 +368,18 @@ describe('secrets stay secret', () => {
     expect(leaks(dump(err))).toEqual([])
   })
 })
+
+describe('end() after a lost connection', () => {
+  test('a query sent just as the server went away fails typed, and end() still resolves', async () => {
+    const sql = open({ connect_timeout: 3 })
+    await sql`select 1`
+    // The server closes; the client has not read the FIN yet when the next query goes out.
+    await local.stopGateway()
+    const lost = await sql`select 1`.then(() => 'ok', (e: { code?: string }) => e.code)
+    // CONNECTION_CLOSED when it went out on the old connection; ECONNREFUSED if the FIN came first.
+    expect(['CONNECTION_CLOSED', 'ECONNREFUSED']).toContain(lost)
+    await local.startGateway()
+    expect(await sql`select 2 as two`).toEqual([{ two: 2 }])
+    expect(await within(sql.end())).toBeUndefined()
+  })
+})

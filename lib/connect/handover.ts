@@ -255,6 +255,9 @@ export class Handover extends Duplex {
       // A typed error of the transport (the WebSocket's close code) says more than its code.
       const how = !err ? 'was closed by the server' : err instanceof DsqlError ? `failed: ${err.message.replace(/\.$/, '')}` : `failed (${err.code ?? err.message})`
       this.emitError(new DsqlConnectionError(`The connection to ${this.opener.where} ${how}.`, { retryable: true, code: 'CONNECTION_CLOSED', cause: err }))
+      // A request was in flight: postgres.js keeps it as its current query after the error, and
+      // its end() would wait for that query forever. An idle ReadyForQuery lets it go.
+      if (this.awaiting > 0 && this.status === IDLE) this.push(READY_IDLE)
     }
     // Outside a transaction nothing more is written: 'close' follows before the failed queries'
     // reactions run, so that a caller's next query goes to a new connection, not this dead one.
