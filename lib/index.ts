@@ -8,7 +8,7 @@ import type { PgSocketOptions } from './connect'
 
 export type { DsqlOptions, DsqlLogger, DsqlSession, RetryOptions, Credentials } from './config'
 export { DsqlError, DsqlConfigError, DsqlCredentialsError, DsqlTokenError, DsqlTlsError, DsqlConnectionError } from './errors'
-export { isOccError, retryOcc, DsqlRetryError, type RetryBegin } from './retry'
+export { isOccError, retryOcc, DsqlRetryError, DsqlCommitUnknownError, type RetryBegin } from './retry'
 
 type Types = Record<string, postgres.PostgresType>
 
