@@ -4,7 +4,9 @@
  */
 import { DsqlSigner } from '@aws-sdk/dsql-signer'
 import postgres from 'postgres'
+import dsql, { DsqlCommitUnknownError, DsqlConnectionError, type DsqlOptions } from '../lib'
 import { startLocalDsql, type LocalDsql, type LocalDsqlRegion } from '../lib/local'
+import { until } from './helpers/until'
 
 let local: LocalDsql
 
@@ -81,5 +83,170 @@ describe('two-Region stand-in', () => {
     await expect(local.stopRegion('eu-west-1')).rejects.toThrow(/No Region "eu-west-1".*us-east-1, us-east-2/)
     await expect(startLocalDsql({ region: 'us-east-1', regions: ['us-east-2'] })).rejects.toThrow(/not both/)
     await expect(startLocalDsql({ regions: ['us-east-1', 'us-east-1'] })).rejects.toThrow(/each Region once/)
+  })
+})
+
+describe('dsql() over a multi-Region cluster', () => {
+  const options = (extra: DsqlOptions = {}): DsqlOptions => ({
+    host: local.regions.map((r) => r.host),
+    hostaddr: local.regions.map((r) => r.hostaddr),
+    port: local.regions.map((r) => r.port),
+    sslrootcert: local.caFile,
+    credentials: local.credentials,
+    connect_timeout: 10,
+    ...extra,
+  })
+  const logs = () => {
+    const warned: string[] = []
+    return { warned, logger: { warn: (m: string, f?: Record<string, unknown>) => void warned.push(`${m} ${String(f?.host ?? '')}`) } }
+  }
+  afterEach(async () => {
+    for (const r of local.regions) await local.startRegion(r.region)
+  })
+
+  test('new connections go to the first endpoint, each signed for its own Region', async () => {
+    const sql = dsql(options({ max: 1 }))
+    try {
+      expect(await sql`select current_user as u`).toEqual([{ u: 'admin' }])
+      expect(sql.options.dsql.lastHost).toBe(local.regions[0].host)
+      expect(sql.options.dsql.endpoints.map((e) => [e.host, e.region, e.downUntil])).toEqual(local.regions.map((r) => [r.host, r.region, undefined]))
+      // The second Region's token is its own: a pool preferring it connects there.
+      const second = dsql({ ...options({ max: 1 }), host: [...local.regions].reverse().map((r) => r.host), port: [...local.regions].reverse().map((r) => r.port) })
+      expect(await second`select 1 as one`).toEqual([{ one: 1 }])
+      expect(second.options.dsql.lastHost).toBe(local.regions[1].host)
+      await second.end()
+    } finally {
+      await sql.end()
+    }
+  })
+
+  test('a Region down: in-flight work fails typed, the next connection goes to the other Region at once, warned once; fail-back when it returns', async () => {
+    const { warned, logger } = logs()
+    const sql = dsql(options({ max: 1, logger }))
+    const admin = dsql(options({ max: 1, host: local.regions[1].host, port: local.regions[1].port, hostaddr: local.regions[1].hostaddr }))
+    try {
+      const [{ pid }] = await sql`select pg_backend_pid() as pid`
+      const inflight = sql`select pg_sleep(30)`.catch((e: unknown) => e)
+      await until('the query runs', async () => (await admin`select 1 from pg_stat_activity where pid = ${pid} and state = 'active'`).length === 1)
+      await local.stopRegion('us-east-1')
+      const err = await inflight
+      expect(err).toBeInstanceOf(DsqlConnectionError)
+      expect((err as DsqlConnectionError).code).toBe('CONNECTION_CLOSED')
+      await until('a connection on us-east-2', async () => sql.options.dsql.lastHost === local.regions[1].host || (await sql`select 1`.then(() => sql.options.dsql.lastHost === local.regions[1].host, () => false)))
+      expect(await sql`select 2 as two`).toEqual([{ two: 2 }])
+      expect(sql.options.dsql.lastHost).toBe(local.regions[1].host)
+      expect(sql.options.dsql.endpoints[0].downUntil).toBeInstanceOf(Date)
+      expect(warned.filter((w) => w.startsWith('dsql: endpoint failed'))).toEqual([`dsql: endpoint failed; new connections go to the next one ${local.regions[0].host}`])
+
+      // Fail-back: once the cool-off is over, a new connection prefers the first Region again.
+      await local.startRegion('us-east-1')
+      await until('the cool-off ends', () => sql.options.dsql.endpoints[0].downUntil === undefined)
+      const [{ pid: onB }] = await sql`select pg_backend_pid() as pid`
+      await admin`select pg_terminate_backend(${onB})`
+      await until('back on us-east-1', async () => (await sql`select 1`.then(() => true, () => false)) && sql.options.dsql.lastHost === local.regions[0].host)
+      expect(sql.options.dsql.lastHost).toBe(local.regions[0].host)
+    } finally {
+      await Promise.all([sql.end({ timeout: 1 }), admin.end({ timeout: 1 })])
+    }
+  })
+
+  test('every Region down: one typed error naming each endpoint and why, within connect_timeout', async () => {
+    await Promise.all(local.regions.map((r) => local.stopRegion(r.region)))
+    const sql = dsql(options({ max: 1, connect_timeout: 5 }))
+    const started = Date.now()
+    try {
+      const err = await sql`select 1`.catch((e: unknown) => e)
+      expect(err).toBeInstanceOf(DsqlConnectionError)
+      const message = (err as Error).message
+      for (const r of local.regions) expect(message).toContain(`${r.host} (${r.region})`)
+      expect(message).toMatch(/No endpoint of the cluster could be reached/)
+      expect(Date.now() - started).toBeLessThan(5000 + 5000)
+    } finally {
+      await sql.end({ timeout: 1 })
+    }
+  })
+
+  test('with retry on: lost before COMMIT is retried on the other Region; lost while committing is DsqlCommitUnknownError, never applied twice', async () => {
+    const sql = dsql(options({ max: 2, retry: { maxRetries: 20, deadlineMs: 20_000 } }))
+    try {
+      await sql`create table if not exists mr_ops (op text not null)`
+      await sql`delete from mr_ops`
+      let attempts = 0
+      await sql.begin(async (tx) => {
+        attempts++
+        await tx`insert into mr_ops values ('before-commit')`
+        // The first attempt loses its connection before its callback is done.
+        if (attempts === 1) await local.stopRegion('us-east-1')
+        await tx`select 1`
+      })
+      expect(attempts).toBeGreaterThanOrEqual(2)
+      expect(await sql`select count(*)::int as n from mr_ops where op = 'before-commit'`).toEqual([{ n: 1 }])
+
+      // Now on us-east-2: lose it once the callback is done, as its COMMIT goes out.
+      await local.startRegion('us-east-1')
+      let tries = 0
+      const err = await sql
+        .begin(async (tx) => {
+          tries++
+          await tx`insert into mr_ops values ('while-committing')`
+          await local.stopRegion(sql.options.dsql.lastHost === local.regions[0].host ? 'us-east-1' : 'us-east-2')
+        })
+        .catch((e: unknown) => e)
+      expect(err).toBeInstanceOf(DsqlCommitUnknownError)
+      expect(tries).toBe(1)
+      await Promise.all(local.regions.map((r) => local.startRegion(r.region)))
+      const [{ n }] = await sql`select count(*)::int as n from mr_ops where op = 'while-committing'`
+      expect(n).toBeLessThanOrEqual(1)
+    } finally {
+      await Promise.all(local.regions.map((r) => local.startRegion(r.region)))
+      await sql`drop table if exists mr_ops`.catch(() => undefined)
+      await sql.end({ timeout: 1 })
+    }
+  })
+
+  test('failover under load: concurrent transactions with retry, one Region stopped mid-way: successes equal rows, no duplicates', async () => {
+    const sql = dsql(options({ max: 4, retry: { maxRetries: 30, deadlineMs: 30_000 } }))
+    try {
+      await sql`create table if not exists mr_load (op int not null)`
+      await sql`delete from mr_load`
+      let done = 0
+      let stopped = false
+      let stoppedAt = 0
+      let firstAfter = 0
+      const run = async (op: number) => {
+        try {
+          await sql.begin(async (tx) => {
+            await tx`insert into mr_load values (${op})`
+          })
+          if (stoppedAt && !firstAfter) firstAfter = Date.now()
+          return 'ok'
+        } catch (err) {
+          if (err instanceof DsqlCommitUnknownError) return 'unknown'
+          throw err
+        } finally {
+          if (++done === 20 && !stopped) {
+            stopped = true
+            stoppedAt = Date.now()
+            void local.stopRegion('us-east-1')
+          }
+        }
+      }
+      const outcomes = await Promise.all(Array.from({ length: 60 }, (_, i) => run(i)))
+      expect(stopped).toBe(true)
+      // A generous bound against a hang, not a measurement (that is bench/failover.ts).
+      expect(firstAfter - stoppedAt).toBeLessThan(15_000)
+      const rows = await sql`select op, count(*)::int as n from mr_load group by op`
+      expect(rows.every((r) => r.n === 1)).toBe(true)
+      const ok = outcomes.map((o, i) => [o, i] as const).filter(([o]) => o === 'ok').map(([, i]) => i)
+      const present = new Set(rows.map((r) => r.op as number))
+      for (const i of ok) expect(present.has(i)).toBe(true)
+      // Rows beyond the successes can only be commit-unknown ones that did commit.
+      expect(rows.length - ok.length).toBeLessThanOrEqual(outcomes.filter((o) => o === 'unknown').length)
+      expect(sql.options.dsql.lastHost).toBe(local.regions[1].host)
+    } finally {
+      await local.startRegion('us-east-1')
+      await sql`drop table if exists mr_load`.catch(() => undefined)
+      await sql.end({ timeout: 1 })
+    }
   })
 })
