@@ -14,6 +14,42 @@ const configError = (o: DsqlOptions, pattern: RegExp, env: NodeJS.ProcessEnv = {
   expect(() => resolve(o, env)).toThrow(pattern)
 }
 
+const HOST2 = 'zyxwvutsrqponmlkjihgfedcba.dsql.us-east-2.on.aws'
+
+describe('multi-Region host lists', () => {
+  test('each host is its own endpoint: name, Region, address and port, in preference order', () => {
+    const c = resolve({ host: [HOST, HOST2], hostaddr: '127.0.0.1', port: [5001, 5002] })
+    expect(c.endpoints.map((e) => [e.host, e.region, e.clusterId, e.hostaddr, e.port, e.tls.servername])).toEqual([
+      [HOST, 'us-east-1', ID, '127.0.0.1', 5001, HOST],
+      [HOST2, 'us-east-2', 'zyxwvutsrqponmlkjihgfedcba', '127.0.0.1', 5002, HOST2],
+    ])
+    expect(c.endpoints[0]).toBe(c)
+    expect([c.host, c.region, c.port]).toEqual([HOST, 'us-east-1', 5001])
+  })
+
+  test('comma-separated strings, PG* lists, and the URL form postgres://a:p1,b:p2/db', () => {
+    const fromEnv = resolve({}, { PGHOST: `${HOST},${HOST2}`, PGHOSTADDR: '127.0.0.1,127.0.0.2', PGPORT: '6001,6002' })
+    expect(fromEnv.endpoints.map((e) => [e.host, e.hostaddr, e.port])).toEqual([[HOST, '127.0.0.1', 6001], [HOST2, '127.0.0.2', 6002]])
+    const url = resolve(mergeUrl(`postgres://appuser@${HOST}:7001,${HOST2}:7002/postgres?sslmode=verify-full`, {}))
+    expect(url.endpoints.map((e) => [e.host, e.port, e.user])).toEqual([[HOST, 7001, 'appuser'], [HOST2, 7002, 'appuser']])
+    const noPorts = resolve(mergeUrl(`postgres://${HOST},${HOST2}/postgres`, {}))
+    expect(noPorts.endpoints.map((e) => [e.host, e.port])).toEqual([[HOST, 5432], [HOST2, 5432]])
+  })
+
+  test('an explicit region is for the hosts whose name does not say theirs', () => {
+    const c = resolve({ host: [HOST, 'proxy.example.internal'], region: 'eu-west-1' })
+    expect(c.endpoints.map((e) => e.region)).toEqual(['us-east-1', 'eu-west-1'])
+  })
+
+  test('lists of the wrong length or type are refused clearly', () => {
+    configError({ host: [HOST, HOST2], port: [1, 2, 3] }, /`port` lists 3 values for 2 hosts/)
+    configError({ host: [HOST, HOST2], hostaddr: ['a', 'b', 'c'] }, /`hostaddr` lists 3 values for 2 hosts/)
+    configError({ host: [HOST, 42 as unknown as string] }, /`host` must be a cluster endpoint name/)
+    configError({ host: [] }, /`host` is an empty list|pass `host`/)
+    configError({ host: [HOST, 'localhost'] }, /set `hostaddr: 'localhost'`/)
+  })
+})
+
 describe('endpoint and region', () => {
   test('a cluster endpoint gives the region and the defaults', () => {
     const c = resolve({ host: HOST })
@@ -54,7 +90,7 @@ describe('endpoint and region', () => {
     configError({ host: 'abc' }, /26 lowercase letters and digits/)
     configError({ host: ID }, /pass `region`, set AWS_REGION/)
     configError({ host: 'db.example.com' }, /Cannot tell the AWS region/)
-    configError({ host: `${HOST},${HOST}` }, /lists of hosts \(multi-Region\) are not supported yet/)
+    configError({ host: `${HOST},${HOST}` }, /lists "abcdefghijklmnopqrstuvwxyz.dsql.us-east-1.on.aws" twice/)
     configError({ host: `${HOST}:5432` }, /bare host name/)
     configError({ host: HOST, region: 'eu-west-1' }, /contradicts the endpoint's region "us-east-1"/)
     configError({ host: ID, region: 'mars' }, /`region` must be an AWS region name such as "us-east-1", not the string "mars"/)

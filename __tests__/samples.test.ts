@@ -44,3 +44,19 @@ test.each(['example', 'pool'])('samples/%s.ts run as a script ends its sql and e
   )
   expect(result).toEqual({ code: 0, stdout: expect.stringContaining(`${name}: ok`) })
 }, 90_000)
+
+test('samples/multi-region.ts: two stand-in Regions, one lost mid-way, ends and exits by itself', async () => {
+  const env: NodeJS.ProcessEnv = { ...process.env }
+  for (const name of ['CLUSTER_ENDPOINT', 'AWS_PROFILE', 'AWS_SESSION_TOKEN', 'PGHOST', 'PGHOSTADDR', 'PGPORT']) delete env[name]
+  const script = [join(__dirname, 'helpers', 'register-ts.js'), join(__dirname, '..', 'samples', 'multi-region.ts')]
+  const result = await new Promise<{ code: number | string | null; stdout: string }>((done) =>
+    execFile(process.execPath, ['-r', ...script], { env, timeout: 90_000 }, (err, stdout) =>
+      done({ code: err ? ((err as { code?: number | string }).code ?? null) : 0, stdout })),
+  )
+  expect(result.code).toBe(0)
+  const lines = result.stdout.trim().split('\n')
+  expect(lines[1]).toMatch(/^Connected to \w+\.dsql\.us-east-1\.on\.aws$/)
+  expect(lines[2]).toMatch(/^After losing a Region: connected to \w+\.dsql\.us-east-2\.on\.aws$/)
+  expect(lines[3]).toMatch(/^[12] orders, the same in every Region$/)
+  expect(lines[4]).toBe('multi-region: ok')
+}, 120_000)

@@ -38,7 +38,7 @@ Runs psql with PGPASSWORD set to a fresh token, sslmode=verify-full and the endp
 server name.
 
 ${CONNECTION_HELP}`,
-  local: `Usage: postgres-dsql local [--roles a,b] [--port N] [--region R] [--plain] [--dotenv PATH] [--print-env]
+  local: `Usage: postgres-dsql local [--roles a,b] [--port N] [--region R | --regions R1,R2] [--plain] [--dotenv PATH] [--print-env]
 
 Starts PostgreSQL 16 behind a gateway that checks TLS, SNI and SigV4 tokens like DSQL and prints
 shell lines for its environment: unset lines for AWS variables that would make the AWS SDK sign
@@ -49,6 +49,8 @@ environment: it makes them.
   --roles a,b      roles to create besides admin (default appuser)
   --port N         port to listen on (default: a free one)
   --region R       region of the endpoint and of the tokens it accepts (default us-east-1)
+  --regions R1,R2  a multi-Region cluster: one endpoint per Region over one database; the
+                   exported PGHOST, PGHOSTADDR and PGPORT list them in this order
   --plain          relay SQL without DSQL's dialect checks
   --dotenv PATH    also write the environment to PATH as a dotenv file (mode 0600), e.g. for
                    node --env-file PATH (the flag is not called --env-file: Node.js 20 takes that
@@ -82,6 +84,7 @@ const LOCAL_OPTIONS = {
   roles: { type: 'string' },
   port: { type: 'string' },
   region: { type: 'string' },
+  regions: { type: 'string' },
   plain: { type: 'boolean' },
   dotenv: { type: 'string' },
   'print-env': { type: 'boolean' },
@@ -236,7 +239,7 @@ async function local(args: string[]): Promise<number> {
     stand = await startLocalDsql({
       roles: values.roles ? values.roles.split(',').filter(Boolean) : ['appuser'],
       port,
-      region: values.region,
+      ...(values.regions ? { regions: values.regions.split(',').filter(Boolean) } : { region: values.region }),
       dialect: !values.plain,
     })
   } catch (err) {
@@ -253,7 +256,8 @@ async function local(args: string[]): Promise<number> {
   if (detached) {
     process.send?.({ lines: shellLines(stand.env) }, () => process.disconnect?.())
   } else {
-    process.stderr.write(`Local DSQL stand-in on 127.0.0.1:${stand.port} for ${stand.host}. Ctrl-C stops it.\n`)
+    for (const r of stand.regions) process.stderr.write(`Local DSQL stand-in on 127.0.0.1:${r.port} for ${r.host} (${r.region}).\n`)
+    process.stderr.write('Ctrl-C stops it.\n')
     process.stdout.write(shellLines(stand.env))
   }
   return stopped

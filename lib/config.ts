@@ -42,12 +42,16 @@ type Types = Record<string, postgres.PostgresType>
 type OwnedKeys = 'password' | 'pass' | 'ssl' | 'host' | 'hostname' | 'port' | 'path' | 'socket'
 
 export interface DsqlOptions<T extends Types = {}> extends Omit<postgres.Options<T>, OwnedKeys> {
-  /** Cluster endpoint `<id>.dsql.<region>.on.aws`, or a bare 26-character cluster id (default `PGHOST`). */
-  host?: string
+  /**
+   * Cluster endpoint `<id>.dsql.<region>.on.aws`, or a bare 26-character cluster id (default
+   * `PGHOST`). A multi-Region cluster: its endpoints as a list (or comma-separated), the
+   * application's own Region first; each is signed for its own Region, with failover and fail-back.
+   */
+  host?: string | string[]
   /** Alias of `host`. */
   hostname?: string
-  /** Default `PGPORT`, else 5432 (443 with `transport: 'websocket'`). */
-  port?: number
+  /** Default `PGPORT`, else 5432 (443 with `transport: 'websocket'`). With several hosts, one port for all or a list in host order. */
+  port?: number | number[]
   /** Signing region (default: parsed from `host`, else AWS_REGION, AWS_DEFAULT_REGION, the profile's region). */
   region?: string
   /** Schema selected on every new connection: `public` for admin, `myschema` otherwise; `false` leaves the server's. */
@@ -69,7 +73,7 @@ export interface DsqlOptions<T extends Types = {}> extends Omit<postgres.Options
   /** `direct` (TLS first, ALPN `postgresql`) or `postgres` (SSLRequest first). Default `direct`. */
   sslnegotiation?: 'direct' | 'postgres'
   /** Connect to this address; SNI, certificate check and token stay those of `host` (default `PGHOSTADDR`). */
-  hostaddr?: string
+  hostaddr?: string | string[]
   /** OCC retry for `sql.begin` (default off). */
   retry?: boolean | RetryOptions
   /** Connection events and retries. */
@@ -80,8 +84,12 @@ export interface DsqlOptions<T extends Types = {}> extends Omit<postgres.Options
 
 export type Action = 'DbConnect' | 'DbConnectAdmin'
 
-/** Everything the connector needs, resolved and validated once per `dsql()` call. */
+/**
+ * Everything the connector needs, resolved and validated once per `dsql()` call. The fields
+ * name the preferred endpoint; `endpoints` holds one such config per host, in preference order.
+ */
 export interface DsqlConfig {
+  endpoints: DsqlConfig[]
   host: string
   hostaddr: string
   port: number
@@ -110,9 +118,10 @@ const MAX_TOKEN_SECS = 604800
 /** Options as given, with `url` folded in: the URL's values lose to explicit options, as in postgres.js. */
 export function mergeUrl<T extends Types>(url: string | undefined, options: DsqlOptions<T>): DsqlOptions<T> {
   if (url === undefined) return options
+  const { url: single, hosts, ports } = splitHosts(url)
   let parsed: URL
   try {
-    parsed = new URL(url)
+    parsed = new URL(single)
   } catch {
     throw new DsqlConfigError(`Invalid connection URL: expected postgres://user@<cluster-id>.dsql.<region>.on.aws/postgres`)
   }
@@ -124,8 +133,8 @@ export function mergeUrl<T extends Types>(url: string | undefined, options: Dsql
   const params = Object.fromEntries(Object.entries(rest).filter(([k]) => !(k in URL_OPTIONS)))
   const fromUrl: Record<string, unknown> = {
     ...settings,
-    host: parsed.hostname ? decodeURIComponent(parsed.hostname) : undefined,
-    port: parsed.port ? Number(parsed.port) : undefined,
+    host: hosts ?? (parsed.hostname ? decodeURIComponent(parsed.hostname) : undefined),
+    port: ports ?? (parsed.port ? Number(parsed.port) : undefined),
     user: parsed.username ? decodeURIComponent(parsed.username) : undefined,
     database: parsed.pathname.length > 1 ? decodeURIComponent(parsed.pathname.slice(1)) : undefined,
     ssl: sslmode ?? ssl,
@@ -138,6 +147,24 @@ export function mergeUrl<T extends Types>(url: string | undefined, options: Dsql
   const merged = { ...definedOnly(fromUrl), ...definedOnly(options) } as DsqlOptions<T>
   if (fromUrl.connection && options.connection) merged.connection = { ...params, ...options.connection }
   return merged
+}
+
+/**
+ * postgres.js's multi-host URL, `postgres://user@a:5432,b:5433/db`: the URL parser takes one
+ * host, so the list is cut out first and the URL parsed with the first host alone.
+ */
+function splitHosts(url: string): { url: string; hosts?: string[]; ports?: number[] } {
+  const start = url.indexOf('://')
+  if (start < 0) return { url }
+  const authority = url.slice(start + 3).split(/[/?#]/)[0]
+  const at = authority.lastIndexOf('@')
+  const list = authority.slice(at + 1)
+  if (!list.includes(',')) return { url }
+  const parts = list.split(',').map((p) => /^(.*?)(?::(\d+))?$/.exec(p) as RegExpExecArray)
+  const hosts = parts.map((m) => decodeURIComponent(m[1]))
+  const ports = parts.some((m) => m[2]) ? parts.map((m) => Number(m[2] ?? 5432)) : undefined
+  const prefix = url.slice(0, start + 3) + authority.slice(0, at + 1)
+  return { url: prefix + parts[0][0] + url.slice(start + 3 + authority.length), hosts, ports }
 }
 
 const number = (v: string) => Number(v)
@@ -161,7 +188,13 @@ export function resolveConfig(o: DsqlOptions<Types>, env: NodeJS.ProcessEnv = pr
   checkOptions(raw)
 
   const profile = o.profile ?? env.AWS_PROFILE
-  const { host, clusterId, region } = resolveHost(o.host ?? o.hostname ?? env.PGHOST, o.region, env, profile)
+  const hosts = hostList(o.host ?? o.hostname ?? env.PGHOST)
+  const multi = hosts.length > 1
+  const hostaddrs = perHost('hostaddr', o.hostaddr ?? env.PGHOSTADDR, hosts.length)
+  const ports = perHost('port', o.port ?? (env.PGPORT || (o.transport === 'websocket' ? 443 : undefined)), hosts.length)
+  // With several hosts, an explicit region is for those whose name does not say theirs.
+  const named = hosts.map((given) => resolveHost(given, o.region, env, profile, multi))
+  const { host, clusterId, region } = named[0]
   const user = o.user ?? o.username ?? 'admin'
   if (typeof user !== 'string' || !user) throw new DsqlConfigError('`user` must be a non-empty role name, e.g. "admin".')
   const database = o.database ?? o.db ?? 'postgres'
@@ -171,10 +204,11 @@ export function resolveConfig(o: DsqlOptions<Types>, env: NodeJS.ProcessEnv = pr
   if (tls.rejectUnauthorized === false)
     o.logger?.warn?.('dsql: TLS certificate verification is off (ssl.rejectUnauthorized: false): the server is not authenticated and the IAM token can be intercepted', { host })
 
-  return {
+  const first: DsqlConfig = {
+    endpoints: [],
     host,
-    hostaddr: nonEmpty(o.hostaddr ?? env.PGHOSTADDR, 'hostaddr') ?? host,
-    port: resolvePort(o.port ?? (env.PGPORT || (o.transport === 'websocket' ? 443 : undefined))),
+    hostaddr: nonEmpty(hostaddrs[0], 'hostaddr') ?? host,
+    port: resolvePort(ports[0]),
     region,
     clusterId,
     user,
@@ -188,6 +222,38 @@ export function resolveConfig(o: DsqlOptions<Types>, env: NodeJS.ProcessEnv = pr
     connectTimeoutMs: resolveConnectTimeout(o.connect_timeout),
     transport: resolveTransport(o.transport),
   }
+  // Each endpoint: its own name (SNI, certificate, token), Region, address and port.
+  first.endpoints = named.map((n, i) =>
+    i === 0
+      ? first
+      : { ...first, ...n, hostaddr: nonEmpty(hostaddrs[i], 'hostaddr') ?? n.host, port: resolvePort(ports[i]), tls: { ...tls, servername: n.host } },
+  )
+  for (const e of first.endpoints) e.endpoints = first.endpoints
+  const seen = new Set<string>()
+  for (const e of first.endpoints) {
+    if (seen.has(e.host)) throw new DsqlConfigError(`\`host\` lists "${e.host}" twice: give each Region's endpoint once.`)
+    seen.add(e.host)
+  }
+  return first
+}
+
+/** `host` as a list: an array, or a comma-separated string as in postgres.js URLs and PGHOST. */
+function hostList(given: string | string[] | undefined): (string | undefined)[] {
+  if (given === undefined) return [undefined]
+  const list = Array.isArray(given) ? given : given.split(',')
+  if (list.length === 0) throw new DsqlConfigError('`host` is an empty list: give at least one cluster endpoint.')
+  for (const h of list) if (typeof h !== 'string') throw typeError('host', h, 'a cluster endpoint name')
+  return list
+}
+
+/** A per-host option: one value for every host, or a list (array or comma-separated) in host order. */
+function perHost<T extends string | number>(name: string, given: T | T[] | undefined, hosts: number): (T | string | undefined)[] {
+  if (given === undefined) return Array(hosts).fill(undefined)
+  const list: (T | string)[] = Array.isArray(given) ? given : typeof given === 'string' && given.includes(',') ? given.split(',') : [given]
+  if (list.length === 1) return Array(hosts).fill(list[0])
+  if (list.length !== hosts)
+    throw new DsqlConfigError(`\`${name}\` lists ${list.length} values for ${hosts} host${hosts === 1 ? '' : 's'}: give one for all, or one per host in host order.`)
+  return list
 }
 
 type Check = (value: unknown) => boolean
@@ -201,8 +267,9 @@ const either = (...checks: Check[]): Check => (v) => checks.some((check) => chec
 
 /** The type each option must have, with how to say it; an undefined value means the default. */
 const OPTION_TYPES: Record<string, [Check, string]> = {
+  host: [either(isString, Array.isArray), 'a cluster endpoint name, or a list of them (multi-Region)'],
   hostname: [isString, 'a cluster endpoint name'],
-  port: [either(isNumber, isString), 'a TCP port number'],
+  port: [either(isNumber, isString, Array.isArray), 'a TCP port number'],
   region: [isString, 'an AWS region name such as "us-east-1"'],
   user: [isString, 'a role name'],
   username: [isString, 'a role name'],
@@ -217,7 +284,7 @@ const OPTION_TYPES: Record<string, [Check, string]> = {
   ssl: [either(isBoolean, isString, isObject), 'true, a mode such as "verify-full", or a tls options object'],
   sslrootcert: [isString, 'the path of a PEM file'],
   sslnegotiation: [isString, '"direct" or "postgres"'],
-  hostaddr: [isString, 'a host name or IP address'],
+  hostaddr: [either(isString, Array.isArray), 'a host name or IP address'],
   retry: [either(isBoolean, isObject), 'true, false or { maxRetries, baseDelayMs, maxDelayMs, jitterFactor, deadlineMs }'],
   logger: [isObject, 'an object with debug, warn and error functions'],
   // postgres.js's own options: it takes them as given, so a string where a number belongs breaks it.
@@ -245,8 +312,8 @@ const LOGGER_LEVELS = ['debug', 'warn', 'error']
 
 /** Every option of a wrong type is a DsqlConfigError here, never a TypeError deep inside. */
 function checkOptions(raw: Record<string, unknown>): void {
-  if (Array.isArray(raw.host) || Array.isArray(raw.hostname)) throw hostList()
-  if (raw.host !== undefined && typeof raw.host !== 'string') throw typeError('host', raw.host, 'a cluster endpoint name')
+  for (const name of ['host', 'hostaddr', 'port'])
+    if (Array.isArray(raw[name])) for (const item of raw[name] as unknown[]) if (!OPTION_TYPES[name][0](item)) throw typeError(name, item, OPTION_TYPES[name][1])
   for (const [name, [check, expected]] of Object.entries(OPTION_TYPES)) {
     const value = raw[name]
     if (value !== undefined && !check(value)) throw typeError(name, value, expected)
@@ -307,10 +374,9 @@ function passwordError(): DsqlConfigError {
   )
 }
 
-function resolveHost(given: string | undefined, optRegion: string | undefined, env: NodeJS.ProcessEnv, profile: string | undefined) {
-  if (!given) throw new DsqlConfigError('No DSQL endpoint: pass `host` (e.g. "<cluster-id>.dsql.us-east-1.on.aws") or set PGHOST.')
+function resolveHost(given: string | undefined, optRegion: string | undefined, env: NodeJS.ProcessEnv, profile: string | undefined, multi = false) {
+  if (!given?.trim()) throw new DsqlConfigError('No DSQL endpoint: pass `host` (e.g. "<cluster-id>.dsql.us-east-1.on.aws") or set PGHOST.')
   const host = given.trim().toLowerCase().replace(/\.$/, '')
-  if (host.includes(',')) throw hostList()
   if (isIP(host) || host === 'localhost' || host.endsWith('.localhost'))
     throw new DsqlConfigError(
       `\`host\` must be the cluster's endpoint name, not "${given}": the token and the certificate check are for that name. ` +
@@ -331,7 +397,7 @@ function resolveHost(given: string | undefined, optRegion: string | undefined, e
     )
   }
   if (match) {
-    if (optRegion && optRegion !== match[2])
+    if (optRegion && optRegion !== match[2] && !multi)
       throw new DsqlConfigError(`\`region\` "${optRegion}" contradicts the endpoint's region "${match[2]}": drop \`region\` or fix the host.`)
     return { host, clusterId: match[1], region: match[2] }
   }
@@ -339,17 +405,13 @@ function resolveHost(given: string | undefined, optRegion: string | undefined, e
   if (!host.includes('.')) {
     if (!CLUSTER_ID.test(host))
       throw new DsqlConfigError(
-        `"${given}" is neither a DSQL endpoint (<cluster-id>.dsql.<region>.on.aws) nor a cluster id (26 lowercase letters and digits).`,
+        `\`host\` "${given}" is neither a DSQL endpoint (<cluster-id>.dsql.<region>.on.aws) nor a cluster id (26 lowercase letters and digits).`,
       )
     if (!region) throw noRegion(given)
     return { host: `${host}.dsql.${region}.on.aws`, clusterId: host, region }
   }
   if (!region) throw noRegion(given)
   return { host, clusterId: undefined, region }
-}
-
-function hostList(): DsqlConfigError {
-  return new DsqlConfigError('`host` is one cluster endpoint: lists of hosts (multi-Region) are not supported yet. Pass one endpoint name as a string.')
 }
 
 function noRegion(given: string): DsqlConfigError {

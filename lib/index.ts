@@ -1,5 +1,6 @@
 import postgres from 'postgres'
 import { connector } from './connect'
+import { Hosts, type EndpointState } from './connect/hosts'
 import { credentialsOption, definedOnly, mergeUrl, resolveConfig, type DsqlConfig, type DsqlOptions } from './config'
 import { withRetry, type RetryBegin } from './retry'
 import { credentialProvider, tokenMinter, type Mint } from './token'
@@ -8,7 +9,8 @@ import type { PgSocketOptions } from './connect'
 
 export type { DsqlOptions, DsqlLogger, DsqlSession, RetryOptions, Credentials } from './config'
 export { DsqlError, DsqlConfigError, DsqlCredentialsError, DsqlTokenError, DsqlTlsError, DsqlConnectionError } from './errors'
-export { isOccError, retryOcc, DsqlRetryError, type RetryBegin } from './retry'
+export type { EndpointState } from './connect/hosts'
+export { isOccError, retryOcc, DsqlRetryError, DsqlCommitUnknownError, type RetryBegin } from './retry'
 
 type Types = Record<string, postgres.PostgresType>
 
@@ -19,7 +21,18 @@ type TypesOf<T extends Types> =
     : { [K in keyof T]: T[K] extends { serialize: (value: infer R) => unknown; parse: (raw: never) => infer R } ? R : never }
 
 /** What postgres.js returns for these custom types; `begin` also takes per-call OCC retry settings. */
-export type DsqlSql<T extends Types = {}> = postgres.Sql<TypesOf<T>> & { begin: RetryBegin<TypesOf<T>> }
+export type DsqlSql<T extends Types = {}> = postgres.Sql<TypesOf<T>> & {
+  begin: RetryBegin<TypesOf<T>>
+  options: postgres.Sql<TypesOf<T>>['options'] & { readonly dsql: DsqlEndpoints }
+}
+
+/** `sql.options.dsql`: where new connections go (a multi-Region cluster's endpoints, in preference order). */
+export interface DsqlEndpoints {
+  /** Each endpoint, and whether it is cooling off after failures (new connections then go to the next). */
+  readonly endpoints: EndpointState[]
+  /** The endpoint the most recent new connection went to. */
+  readonly lastHost: string | undefined
+}
 
 export const version: string = (require('../package.json') as { version: string }).version
 
@@ -35,8 +48,11 @@ export function dsql<T extends Types = {}>(first?: string | DsqlOptions<T>, seco
   const config = resolveConfig(options as DsqlOptions)
   const credentials = credentialProvider(credentialsOption(options as DsqlOptions), options.profile ?? process.env.AWS_PROFILE)
   let ending = false
-  const mint = tokenMinter(config, credentials)
-  const open = connector(config, mint, { logger: options.logger, onconnect: options.onconnect, closing: () => ending })
+  // One minter per endpoint: each Region's token is signed for its own host and Region.
+  const mints = new Map(config.endpoints.map((e) => [e, tokenMinter(e, credentials)]))
+  const mint = mints.get(config)!
+  const hosts = new Hosts(config.endpoints, options.logger)
+  const open = connector(config, (e) => mints.get(e)!, { logger: options.logger, onconnect: options.onconnect, closing: () => ending }, hosts)
   const socket = (pg: PgSocketOptions & PgTypeOptions) => {
     installArrayTypes(pg)
     return open(pg)
@@ -44,6 +60,15 @@ export function dsql<T extends Types = {}>(first?: string | DsqlOptions<T>, seco
   const sql = postgres(postgresOptions(options, config, socket, mint) as unknown as postgres.Options<T>) as unknown as DsqlSql<T>
   const end = sql.end
   sql.end = (...args: Parameters<typeof end>) => ((ending = true), end(...args))
+  const state: DsqlEndpoints = {
+    get endpoints() {
+      return hosts.snapshot()
+    },
+    get lastHost() {
+      return hosts.last?.host
+    },
+  }
+  Object.defineProperty(sql.options, 'dsql', { value: state, enumerable: false })
   return withRetry(sql, options.retry, options.logger)
 }
 

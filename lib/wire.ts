@@ -45,6 +45,16 @@ export function isCancelRequest(chunk: Buffer): boolean {
   return chunk.length === 16 && chunk.readUInt32BE(0) === 16 && chunk.readUInt32BE(4) === CANCEL_CODE
 }
 
+/** The backend key (BackendKeyData's process id and secret) in a server's startup answer, as `pid:secret`. */
+export function backendKey(startup: Buffer): string | undefined {
+  for (let at = 0; at + 5 <= startup.length; at += 1 + startup.readUInt32BE(at + 1))
+    if (startup[at] === 0x4b && at + 13 <= startup.length) return `${startup.readUInt32BE(at + 5)}:${startup.readUInt32BE(at + 9)}`
+  return undefined
+}
+
+/** The backend key a CancelRequest names, as `pid:secret`. */
+export const cancelKey = (request: Buffer): string => `${request.readUInt32BE(8)}:${request.readUInt32BE(12)}`
+
 /** Fields of an ErrorResponse or NoticeResponse: S severity, C code, M message, H hint, ... */
 export function errorFields(message: Buffer): Record<string, string> {
   const fields: Record<string, string> = {}

@@ -1,11 +1,13 @@
 import type { Duplex } from 'node:stream'
 import * as tls from 'node:tls'
 import type { DsqlConfig, DsqlLogger } from '../config'
-import { DsqlConnectionError, DsqlError } from '../errors'
+import { DsqlConnectionError, DsqlError, DsqlTlsError } from '../errors'
 import type { Mint } from '../token'
 import { sendCancel } from './cancel'
 import { dial, isUnreachable, NoDirectTls, socketError, where } from './dial'
 import { Handover, type Session } from './handover'
+import { Hosts } from './hosts'
+import * as wire from '../wire'
 import { startup, type OnConnect, type PgSocketOptions } from './startup'
 
 export type { PgSocketOptions } from './startup'
@@ -26,36 +28,75 @@ const UNREACHABLE_RETRY_MS = 2000
  * safe to retry, or sends a CancelRequest. Failures reach postgres.js as a typed 'error' on that
  * stream: a rejected promise or a throw would leave postgres.js with a pool slot it never frees.
  */
-export function connector(config: DsqlConfig, mint: Mint, options: ConnectorOptions) {
+export function connector(config: DsqlConfig, mintFor: (endpoint: DsqlConfig) => Mint, options: ConnectorOptions, hosts = new Hosts(config.endpoints, options.logger)) {
   const { logger, closing } = options
   // One TLS context per dsql(): building it (parsing the CA) per connection costs ~0.2 ms of CPU.
-  const tlsOptions = { ...config.tls, secureContext: config.tls.secureContext ?? tls.createSecureContext(config.tls) }
-  config = { ...config, tls: tlsOptions }
+  // The endpoints of a multi-Region cluster share it: only their server names differ.
+  const secureContext = config.tls.secureContext ?? tls.createSecureContext(config.tls)
   // A missing `ws` fails dsql() itself, not each connection later.
   if (config.transport === 'websocket') (require('./websocket') as typeof import('./websocket')).webSocketImpl(config)
-  let negotiation = config.sslnegotiation
+  const endpoints = new Map(hosts.endpoints.map((e) => [e, { config: { ...e, tls: { ...e.tls, secureContext } }, mint: mintFor(e), negotiation: e.sslnegotiation }]))
+
+  // Which endpoint holds each session, by backend key: a CancelRequest must go to that endpoint.
+  const sessions = new Map<string, DsqlConfig>()
+  const remember = (replay: Buffer, endpoint: DsqlConfig) => {
+    if (!hosts.multi) return
+    const key = wire.backendKey(replay)
+    if (!key) return
+    sessions.set(key, endpoint)
+    // Bounded: a key is forgotten long after its connection (at most max_lifetime) has ended.
+    if (sessions.size > 10_000) sessions.delete(sessions.keys().next().value as string)
+  }
+
+  /** One pass over the endpoints, preferred first: the first that opens a session wins. */
+  async function tryEndpoints(pg: PgSocketOptions, deadline: number, signal: AbortSignal): Promise<Session> {
+    const failures: [DsqlConfig, DsqlError][] = []
+    const order = hosts.order()
+    for (const endpoint of order) {
+      const state = endpoints.get(endpoint)!
+      // Each endpoint gets its share of the time left, so that a silent one cannot use it all.
+      const until = hosts.multi ? Math.min(deadline, Date.now() + Math.max(1000, (deadline - Date.now()) / (order.length - failures.length))) : deadline
+      for (;;) {
+        const current = { ...state.config, sslnegotiation: state.negotiation }
+        try {
+          const { stream, replay, rest, pipelined } = await establish(current, state.mint, pg, options.onconnect, until, signal)
+          hosts.up(endpoint)
+          remember(replay, endpoint)
+          // postgres.js hands a connection opened for sql.reserve()/sql.begin() over only on 'drain'
+          // or after a setup query of its own (type fetch, session attributes).
+          return { stream, replay, rest, pipelined, drain: !pg.fetch_types && !pg.target_session_attrs }
+        } catch (err) {
+          if (signal.aborted) throw err
+          const error = asDsqlError(err, current)
+          if (error instanceof NoDirectTls && current.directFallback && current.sslnegotiation === 'direct') {
+            // Servers before PostgreSQL 17 (and proxies) read a ClientHello as a broken startup packet.
+            logger?.warn?.('dsql: the server does not speak direct TLS; using SSLRequest from now on', { host: current.host })
+            state.negotiation = 'postgres'
+            continue
+          }
+          // A refused token, a failing hook or missing credentials would fail on every endpoint alike.
+          if (!hosts.multi || !failsOver(error)) throw error
+          hosts.down(endpoint, error)
+          failures.push([endpoint, error])
+          break
+        }
+      }
+    }
+    throw hosts.allFailed(failures)
+  }
 
   async function open(pg: PgSocketOptions, deadline: number, signal: AbortSignal): Promise<Session> {
     const first = Date.now()
     let warned = false
     for (let attempt = 1; ; attempt++) {
       const started = Date.now()
-      const current = { ...config, sslnegotiation: negotiation }
       try {
-        const { stream, replay, rest, pipelined } = await establish(current, mint, pg, options.onconnect, deadline, signal)
-        logger?.debug?.('dsql connection ready', { host: config.host, attempt, ms: Date.now() - started })
-        // postgres.js hands a connection opened for sql.reserve()/sql.begin() over only on 'drain'
-        // or after a setup query of its own (type fetch, session attributes).
-        return { stream, replay, rest, pipelined, drain: !pg.fetch_types && !pg.target_session_attrs }
+        const session = await tryEndpoints(pg, deadline, signal)
+        logger?.debug?.('dsql connection ready', { host: hosts.last?.host, region: hosts.last?.region, attempt, ms: Date.now() - started })
+        return session
       } catch (err) {
         if (signal.aborted) throw err
         const error = asDsqlError(err, config)
-        if (error instanceof NoDirectTls && config.directFallback && current.sslnegotiation === 'direct') {
-          // Servers before PostgreSQL 17 (and proxies) read a ClientHello as a broken startup packet.
-          if (negotiation === 'direct') logger?.warn?.('dsql: the server does not speak direct TLS; using SSLRequest from now on', { host: config.host })
-          negotiation = 'postgres'
-          continue
-        }
         const delay = backoffMs(attempt)
         const until = isUnreachable(error) ? Math.min(deadline, first + UNREACHABLE_RETRY_MS) : deadline
         if (!(error instanceof DsqlConnectionError && error.retryable) || Date.now() + delay >= until) {
@@ -77,7 +118,10 @@ export function connector(config: DsqlConfig, mint: Mint, options: ConnectorOpti
     const deadline = Date.now() + config.connectTimeoutMs
     return new Handover({
       open: (signal) => open(pg, deadline, signal),
-      cancel: (request) => sendCancel(request, { ...config, sslnegotiation: negotiation }, logger),
+      cancel: (request) => {
+        const state = endpoints.get(sessions.get(wire.cancelKey(request)) ?? config)!
+        return sendCancel(request, { ...state.config, sslnegotiation: state.negotiation }, logger)
+      },
       ending: () => closing?.() ?? false,
       logger,
       where: where(config),
@@ -108,6 +152,11 @@ async function establish(config: DsqlConfig, mint: Mint, pg: PgSocketOptions, on
   } finally {
     signal.removeEventListener('abort', abort)
   }
+}
+
+/** Failures another Region's endpoint may not have: it could not be reached, or not in time, or refused for now. */
+function failsOver(error: DsqlError): boolean {
+  return (error instanceof DsqlConnectionError && error.retryable) || error instanceof DsqlTlsError
 }
 
 function asDsqlError(err: unknown, config: DsqlConfig): DsqlError {

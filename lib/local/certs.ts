@@ -19,6 +19,11 @@ const KEY = { keyType: 'ec', curve: 'P-256', algorithm: 'sha256' } as const
 const DAY_MS = 24 * 60 * 60 * 1000
 
 export async function makeCertificates(host: string): Promise<Certificates> {
+  return (await makeCertificateSet([host]))[0]
+}
+
+/** One CA, and a server certificate it issues for each endpoint (one per Region of a multi-Region cluster). */
+export async function makeCertificateSet(hosts: string[]): Promise<Certificates[]> {
   const { generate } = loadSelfsigned()
   // Backdated an hour so that a client whose clock runs a little behind still accepts them.
   const notBeforeDate = new Date(Date.now() - 60 * 60 * 1000)
@@ -32,26 +37,28 @@ export async function makeCertificates(host: string): Promise<Certificates> {
       { name: 'keyUsage', keyCertSign: true, cRLSign: true, critical: true },
     ],
   })
-  const server = await generate([{ name: 'commonName', value: host }], {
-    ...KEY,
-    notBeforeDate,
-    notAfterDate,
-    ca: { key: ca.private, cert: ca.cert },
-    extensions: [
-      { name: 'basicConstraints', cA: false, critical: true },
-      { name: 'keyUsage', digitalSignature: true, critical: true },
-      { name: 'extKeyUsage', serverAuth: true },
-      {
-        name: 'subjectAltName',
-        altNames: [
-          { type: 2, value: host },
-          { type: 2, value: 'localhost' },
-          { type: 7, ip: '127.0.0.1' },
-        ],
-      },
-    ],
-  })
-  return { ca: ca.cert, cert: server.cert, key: server.private }
+  const issue = (host: string) =>
+    generate([{ name: 'commonName', value: host }], {
+      ...KEY,
+      notBeforeDate,
+      notAfterDate,
+      ca: { key: ca.private, cert: ca.cert },
+      extensions: [
+        { name: 'basicConstraints', cA: false, critical: true },
+        { name: 'keyUsage', digitalSignature: true, critical: true },
+        { name: 'extKeyUsage', serverAuth: true },
+        {
+          name: 'subjectAltName',
+          altNames: [
+            { type: 2, value: host },
+            { type: 2, value: 'localhost' },
+            { type: 7, ip: '127.0.0.1' },
+          ],
+        },
+      ],
+    })
+  const servers = await Promise.all(hosts.map(issue))
+  return servers.map((server) => ({ ca: ca.cert, cert: server.cert, key: server.private }))
 }
 
 /** Loaded on first use: `selfsigned` is an optional peer dependency, needed only by the stand-in. */

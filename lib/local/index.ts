@@ -15,7 +15,7 @@ import { join } from 'node:path'
 import { performance } from 'node:perf_hooks'
 import type { AwsCredentialIdentity } from '@smithy/types'
 import { catalogSettings, catalogSql, DEFAULT_QUOTAS, type CatalogQuotas } from './catalog'
-import { makeCertificates, type Certificates } from './certs'
+import { makeCertificateSet, type Certificates } from './certs'
 import { onProcessExit } from './cleanup'
 import { Dialect } from './dialect'
 import { Gateway, LOOPBACK, type GatewayFaults, type GatewayStats } from './gateway'
@@ -52,6 +52,11 @@ export interface LocalDsqlDialectOptions {
 export interface LocalDsqlOptions {
   /** Default 'us-east-1'. */
   region?: string
+  /**
+   * A multi-Region cluster: one endpoint (gateway, cluster id, certificate, token scope) per
+   * Region, all over the same database. The first is `host`/`port`/`region` below. Not with `region`.
+   */
+  regions?: string[]
   /** Default: 26 random lowercase letters and digits, like a real cluster id. */
   clusterId?: string
   /** Gateway port; default 0, an ephemeral one. */
@@ -88,6 +93,16 @@ export interface LocalDsqlOptions {
    * above are mapped at start. Default `arn:aws:iam::000000000000:role/postgres-dsql-local`.
    */
   iamArn?: string
+}
+
+/** One Region's endpoint of the stand-in. */
+export interface LocalDsqlRegion {
+  region: string
+  /** `<clusterId>.dsql.<region>.on.aws`; each Region of a multi-Region cluster has its own cluster id. */
+  host: string
+  clusterId: string
+  hostaddr: string
+  port: number
 }
 
 export interface LocalDsql {
@@ -129,15 +144,20 @@ export interface LocalDsql {
   stopGateway(): Promise<void>
   /** Listens again, on the same port. */
   startGateway(): Promise<void>
+  /** Every Region's endpoint, in the order given (one entry without `regions`). */
+  regions: LocalDsqlRegion[]
+  /** An impaired Region: its gateway stops listening and drops its open connections. */
+  stopRegion(region: string): Promise<void>
+  /** The Region answers again, on the same port. */
+  startRegion(region: string): Promise<void>
   /** Stops everything and removes the temporary directory. Safe to call twice. */
   stop(): Promise<void>
 }
 
 export async function startLocalDsql(options: LocalDsqlOptions = {}): Promise<LocalDsql> {
   const started = performance.now()
-  const region = checkName('region', options.region ?? 'us-east-1', /^[a-z]{2}(-[a-z0-9]+)+-\d+$/)
-  const clusterId = checkName('clusterId', options.clusterId ?? randomClusterId(), /^[a-z0-9][a-z0-9-]*$/)
-  const host = `${clusterId}.dsql.${region}.on.aws`
+  const endpoints = regionEndpoints(options)
+  const { region, clusterId, host } = endpoints[0]
   const roles = checkRoles(options.roles ?? [])
   const logger = options.logger ?? {}
   const accepted = [options.credentials ?? generateCredentials()].flat()
@@ -166,28 +186,28 @@ export async function startLocalDsql(options: LocalDsqlOptions = {}): Promise<Lo
     postgres?.stopNow()
     removeDir()
   })
-  let gateway: Gateway
+  let gateways: Gateway[] = []
   let certs: Certificates
   let control: Control | undefined
   try {
     // In parallel: the certificates take milliseconds, PostgreSQL most of a second.
     const dialectSetup = dialect ? { settings: catalogSettings(catalogLimits), setupSql: catalogSql(ADMIN_USER, catalogLimits, roles, iamArn) } : {}
     const [made, server] = await Promise.allSettled([
-      makeCertificates(host),
+      makeCertificateSet(endpoints.map((e) => e.host)),
       startPostgres({ baseDir, roles, logger, lockTimeoutMs: options.lockTimeoutMs, ...dialectSetup }),
     ])
     if (server.status === 'fulfilled') postgres = server.value
     if (made.status === 'rejected') throw made.reason
     if (server.status === 'rejected') throw server.reason
-    certs = made.value
+    certs = made.value[0]
     if (dialect) {
       control = new Control(() => server.value.connect(), SUPERUSER, jobMinMs, logger)
     }
-    gateway = new Gateway({
-      host,
-      region,
-      port: options.port,
-      tls: certs,
+    gateways = endpoints.map((endpoint, i) => new Gateway({
+      host: endpoint.host,
+      region: endpoint.region,
+      port: i === 0 ? options.port : undefined,
+      tls: made.value[i],
       keys,
       connectBackend: () => server.value.connect(),
       reservedUsers: [SUPERUSER],
@@ -200,10 +220,11 @@ export async function startLocalDsql(options: LocalDsqlOptions = {}): Promise<Lo
       logger,
       dialect,
       iamArn,
-    })
-    // The job runner's connection opens while the gateway starts listening.
-    await Promise.all([gateway.start(), control?.start()])
+    }))
+    // The job runner's connection opens while the gateways start listening.
+    await Promise.all([...gateways.map((gateway) => gateway.start()), control?.start()])
   } catch (err) {
+    await Promise.all(gateways.map((gateway) => gateway.stop().catch(() => undefined)))
     await control?.stop().catch(() => undefined)
     await postgres?.stop().catch(() => undefined)
     removeDir()
@@ -213,7 +234,14 @@ export async function startLocalDsql(options: LocalDsqlOptions = {}): Promise<Lo
 
   const caFile = join(baseDir, 'ca.pem')
   writeFileSync(caFile, certs.ca, { mode: 0o644 })
+  const gateway = gateways[0]
   const port = gateway.listeningPort
+  const regions = endpoints.map(({ region, host, clusterId }, i) => ({ region, host, clusterId, hostaddr: LOOPBACK, port: gateways[i].listeningPort }))
+  const regionGateway = (name: string) => {
+    const i = endpoints.findIndex((e) => e.region === name)
+    if (i < 0) throw new TypeError(`No Region ${JSON.stringify(name)} in this stand-in: it has ${endpoints.map((e) => e.region).join(', ')}`)
+    return gateways[i]
+  }
   const credentials = accepted[0]
   let stopping: Promise<void> | undefined
   logger.debug?.(`postgres-dsql local: ${host} on ${LOOPBACK}:${port}, ready in ${Math.round(performance.now() - started)} ms`)
@@ -230,10 +258,11 @@ export async function startLocalDsql(options: LocalDsqlOptions = {}): Promise<Lo
     credentials,
     iamArn,
     env: {
-      CLUSTER_ENDPOINT: host,
-      PGHOST: host,
-      PGHOSTADDR: LOOPBACK,
-      PGPORT: String(port),
+      // Several Regions: comma-separated lists in host order, as libpq and postgres.js read them.
+      CLUSTER_ENDPOINT: regions.map((r) => r.host).join(','),
+      PGHOST: regions.map((r) => r.host).join(','),
+      PGHOSTADDR: regions.map((r) => r.hostaddr).join(','),
+      PGPORT: regions.map((r) => r.port).join(','),
       PGSSLROOTCERT: caFile,
       AWS_ACCESS_KEY_ID: credentials.accessKeyId,
       AWS_SECRET_ACCESS_KEY: credentials.secretAccessKey,
@@ -252,7 +281,7 @@ export async function startLocalDsql(options: LocalDsqlOptions = {}): Promise<Lo
       for (const [key, value] of Object.entries(catalog)) if (value !== undefined) next[key as keyof CatalogQuotas] = positiveInteger(key, value)
       const minMs = asyncJobMinMs === undefined ? undefined : nonNegativeMs('asyncJobMinMs', asyncJobMinMs)
       const resultBytes = maxResultBytes === undefined ? undefined : positiveInteger('maxResultBytes', maxResultBytes)
-      gateway.setLimits(connections)
+      gateways.forEach((g) => g.setLimits(connections))
       if (minMs !== undefined) control?.setMinMs(minMs)
       // Sessions read the dialect's limits object as they go: the change reaches open ones too.
       if (resultBytes !== undefined && dialect) dialect.limits.maxResultBytes = resultBytes
@@ -262,16 +291,23 @@ export async function startLocalDsql(options: LocalDsqlOptions = {}): Promise<Lo
     },
     holdJobs: () => control?.hold(),
     releaseJobs: () => control?.release(),
-    stats: () => gateway.stats(),
-    setFaults: (faults) => gateway.setFaults(faults),
+    stats: () => sumStats(gateways.map((g) => g.stats())),
+    setFaults: (faults) => gateways.forEach((g) => g.setFaults(faults)),
     stopGateway: () => gateway.stop(),
     startGateway: async () => {
       if (stopping) throw new Error('This local DSQL stand-in was stopped.')
       await gateway.start()
     },
+    regions,
+    stopRegion: async (name) => regionGateway(name).stop(),
+    startRegion: async (name) => {
+      const g = regionGateway(name)
+      if (stopping) throw new Error('This local DSQL stand-in was stopped.')
+      await g.start()
+    },
     stop: () =>
       (stopping ??= (async () => {
-        await gateway.stop()
+        await Promise.all(gateways.map((g) => g.stop()))
         await control?.stop()
         await postgres?.stop()
         removeDir()
@@ -281,6 +317,27 @@ export async function startLocalDsql(options: LocalDsqlOptions = {}): Promise<Lo
 }
 
 const DEFAULT_ARN = 'arn:aws:iam::000000000000:role/postgres-dsql-local'
+
+/** Each Region's endpoint; the first takes `clusterId`, the others their own ids, as peered clusters have. */
+function regionEndpoints(options: LocalDsqlOptions): { region: string; clusterId: string; host: string }[] {
+  if (options.regions !== undefined && options.region !== undefined) throw new TypeError('Give `region` or `regions`, not both')
+  if (options.regions !== undefined && (!Array.isArray(options.regions) || options.regions.length === 0))
+    throw new TypeError('regions: give at least one Region name, e.g. ["us-east-1", "us-east-2"]')
+  const names = options.regions ?? [options.region ?? 'us-east-1']
+  if (new Set(names).size !== names.length) throw new TypeError(`regions: each Region once, got ${JSON.stringify(names)}`)
+  return names.map((name, i) => {
+    const region = checkName('region', name, /^[a-z]{2}(-[a-z0-9]+)+-\d+$/)
+    const clusterId = checkName('clusterId', (i === 0 ? options.clusterId : undefined) ?? randomClusterId(), /^[a-z0-9][a-z0-9-]*$/)
+    return { region, clusterId, host: `${clusterId}.dsql.${region}.on.aws` }
+  })
+}
+
+/** Every counter summed over the Regions' gateways. */
+function sumStats(all: GatewayStats[]): GatewayStats {
+  const sum = { ...all[0] }
+  for (const more of all.slice(1)) for (const key of Object.keys(sum) as (keyof GatewayStats)[]) sum[key] += more[key]
+  return sum
+}
 
 function randomClusterId(): string {
   const alphabet = 'abcdefghijklmnopqrstuvwxyz0123456789'
