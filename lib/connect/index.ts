@@ -6,7 +6,7 @@ import type { Mint } from '../token'
 import { sendCancel } from './cancel'
 import { dial, isUnreachable, NoDirectTls, socketError, where } from './dial'
 import { Handover, type Session } from './handover'
-import { startup, type OnConnect, type PgSocketOptions } from './startup'
+import { SchemaOptionRefused, startup, type OnConnect, type PgSocketOptions } from './startup'
 
 export type { PgSocketOptions } from './startup'
 
@@ -34,6 +34,8 @@ export function connector(config: DsqlConfig, mint: Mint, options: ConnectorOpti
   // A missing `ws` fails dsql() itself, not each connection later.
   if (config.transport === 'websocket') (require('./websocket') as typeof import('./websocket')).webSocketImpl(config)
   let negotiation = config.sslnegotiation
+  // The schema goes in the StartupMessage until a server refuses it there; then with a SET.
+  let schemaInStartup = true
 
   async function open(pg: PgSocketOptions, deadline: number, signal: AbortSignal): Promise<Session> {
     const first = Date.now()
@@ -42,7 +44,7 @@ export function connector(config: DsqlConfig, mint: Mint, options: ConnectorOpti
       const started = Date.now()
       const current = { ...config, sslnegotiation: negotiation }
       try {
-        const { stream, replay, rest, pipelined } = await establish(current, mint, pg, options.onconnect, deadline, signal)
+        const { stream, replay, rest, pipelined } = await establish(current, mint, pg, options.onconnect, deadline, signal, schemaInStartup)
         logger?.debug?.('dsql connection ready', { host: config.host, attempt, ms: Date.now() - started })
         // postgres.js hands a connection opened for sql.reserve()/sql.begin() over only on 'drain'
         // or after a setup query of its own (type fetch, session attributes).
@@ -54,6 +56,11 @@ export function connector(config: DsqlConfig, mint: Mint, options: ConnectorOpti
           // Servers before PostgreSQL 17 (and proxies) read a ClientHello as a broken startup packet.
           if (negotiation === 'direct') logger?.warn?.('dsql: the server does not speak direct TLS; using SSLRequest from now on', { host: config.host })
           negotiation = 'postgres'
+          continue
+        }
+        if (error instanceof SchemaOptionRefused && schemaInStartup) {
+          logger?.warn?.('dsql: the server refused the schema in the startup message; selecting it with SET from now on', { host: config.host, message: error.message })
+          schemaInStartup = false
           continue
         }
         const delay = backoffMs(attempt)
@@ -90,7 +97,15 @@ function backoffMs(attempt: number): number {
   return Math.round(Math.random() * Math.min(2000, 50 * 2 ** (attempt - 1)))
 }
 
-async function establish(config: DsqlConfig, mint: Mint, pg: PgSocketOptions, onconnect: OnConnect | undefined, deadline: number, signal: AbortSignal) {
+async function establish(
+  config: DsqlConfig,
+  mint: Mint,
+  pg: PgSocketOptions,
+  onconnect: OnConnect | undefined,
+  deadline: number,
+  signal: AbortSignal,
+  schemaInStartup: boolean,
+) {
   // Signing overlaps the TCP and TLS handshakes; the token is sent only after the certificate verified.
   const token = mint()
   token.catch(() => undefined)
@@ -101,7 +116,7 @@ async function establish(config: DsqlConfig, mint: Mint, pg: PgSocketOptions, on
   signal.addEventListener('abort', abort, { once: true })
   try {
     if (signal.aborted) throw new DsqlConnectionError('The connection is no longer wanted.', { retryable: false })
-    return { stream, ...(await startup(stream, token, pg, config, onconnect, deadline)) }
+    return { stream, ...(await startup(stream, token, pg, config, onconnect, deadline, schemaInStartup)) }
   } catch (err) {
     stream.destroy()
     throw err
