@@ -160,3 +160,13 @@ describe('a server that refuses options in the StartupMessage', () => {
     }
   })
 })
+
+describe('the stand-in nagle switch', () => {
+  test('is a boolean limit, changeable at run time; connections work either way', async () => {
+    expect(() => local.setLimits({ nagle: 'yes' as unknown as boolean })).toThrow(/Invalid limit nagle/)
+    await local.setLimits({ nagle: false })
+    expect((await schemaOf({})).schema).toBe('public')
+    await local.setLimits({ nagle: true })
+    expect((await schemaOf({})).schema).toBe('public')
+  })
+})
