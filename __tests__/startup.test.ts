@@ -88,10 +88,10 @@ describe('the schema in the StartupMessage', () => {
     expect(after.map((w) => w[0])).toEqual(['X'])
   })
 
-  test("with the user's own options, the schema's -c comes after them", async () => {
+  test("with the user's own options, the schema's -c comes after them; the schema wins over a search_path parameter", async () => {
     const recorded = recordClientWrites()
     try {
-      const sql = dsql(options({ max: 1, connection: { options: '-c TimeZone=Asia/Tokyo' } }))
+      const sql = dsql(options({ max: 1, connection: { options: '-c TimeZone=Asia/Tokyo', search_path: 'pg_catalog' } }))
       try {
         const [row] = await sql`select current_schema() as s, current_setting('TimeZone') as tz`
         expect(row).toEqual({ s: 'public', tz: 'Asia/Tokyo' })

@@ -79,8 +79,11 @@ const READY_LENGTH = 6
 function startupParams(pg: PgSocketOptions, schema: string | false): Record<string, string> {
   const params: Record<string, string> = { user: pg.user, database: pg.database, client_encoding: 'UTF8' }
   for (const [k, v] of Object.entries(pg.connection)) if (v !== undefined && v !== null && v !== false) params[k] = String(v)
-  // After the user's own options: the later -c wins, as the SET after them did.
-  if (schema !== false) params.options = [params.options, `-c search_path=${escapeOption(wire.quoteIdentifier(schema))}`].filter(Boolean).join(' ')
+  if (schema === false) return params
+  // The schema wins over the user's own search_path, as the SET after the startup did: after
+  // their options (the later -c wins), and without a search_path parameter (it would beat options).
+  delete params.search_path
+  params.options = [params.options, `-c search_path=${escapeOption(wire.quoteIdentifier(schema))}`].filter(Boolean).join(' ')
   return params
 }
 
