@@ -68,7 +68,7 @@ async function measureConnect(standIn: StandIn): Promise<ConnectRow[]> {
   const target = standIn.target
   const signer = new DsqlSigner({ hostname: target.host, region: target.region, credentials: target.credentials })
   const design: Record<string, string> = {
-    ours: 'TLS 1 + startup 1 + token 1 + query 1 (schema SET pipelined) = 4',
+    ours: 'TLS 1 + startup 1 + token 1 + query 1 (schema in the startup message) = 4',
     byhand: 'SSLRequest 1 + TLS 1 + startup 1 + token 1 + pg_type fetch + query 1',
     official: 'SSLRequest 1 + TLS 1 + startup 1 + token 1 + query 1 = 5 (no schema selected)',
     'ours-noschema': 'TLS 1 + startup 1 + token 1 + query 1 = 4',
@@ -87,15 +87,17 @@ async function measureConnect(standIn: StandIn): Promise<ConnectRow[]> {
       once: () => timed(() => withTimeout(wireFloor(target, signer, true), OP_TIMEOUT_MS, 'floor')).catch(() => NaN),
     },
   ]
-  const rows: ConnectRow[] = entries.map(({ key, label }) => ({ key, label, design: design[key], samples: new Map() }))
-  for (const latency of [0, RTT]) {
-    await standIn.setLatency(latency)
-    log(`connect at ${latency} ms: ${N} per contender`)
+  const rows: ConnectRow[] = entries.map(({ key, label }) => ({ key, label, design: design[key], samples: new Map(), nagle: [] }))
+  // Last, the same latency against a server that leaves Nagle's algorithm on (no TCP_NODELAY).
+  for (const [latency, nagle] of [[0, false], [RTT, false], [RTT, true]] as const) {
+    await standIn.setLatency(latency, nagle)
+    log(`connect at ${latency} ms${nagle ? ', Nagle server' : ''}: ${N} per contender`)
     for (const entry of entries) for (let i = 0; i < 3; i++) await entry.once() // warm-up: modules, JIT, TLS contexts
     const samples = entries.map(() => [] as number[])
     for (let i = 0; i < N; i++) for (const j of rotate([...entries.keys()], i)) samples[j].push(await entries[j].once())
-    rows.forEach((row, j) => row.samples.set(latency, samples[j]))
+    rows.forEach((row, j) => (nagle ? (row.nagle = samples[j]) : row.samples.set(latency, samples[j])))
   }
+  await standIn.setLatency(0)
   return rows
 }
 

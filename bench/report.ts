@@ -12,6 +12,8 @@ export interface ConnectRow {
   design: string
   /** Milliseconds per connection, by added latency. */
   samples: Map<number, number[]>
+  /** Milliseconds per connection at the run's latency, against a server that leaves Nagle on. */
+  nagle: number[]
 }
 
 export interface StormRow {
@@ -73,9 +75,21 @@ function connectSection(r: Results): string {
     const zero = c.samples.get(0) ?? []
     const slow = c.samples.get(rttMs) ?? []
     const rtt = median(slow) / rttMs
-    return [c.label, fmt(median(zero)), fmt(percentile(zero, 95)), fmt(median(slow)), fmt(percentile(slow, 95)), fmt(rtt), `${rtt >= FLOOR_RTT ? '+' : ''}${fmt(rtt - FLOOR_RTT)}`, c.design]
+    const nagle = median(c.nagle) / rttMs
+    return [
+      c.label,
+      fmt(median(zero)),
+      fmt(percentile(zero, 95)),
+      fmt(median(slow)),
+      fmt(percentile(slow, 95)),
+      fmt(rtt),
+      `${rtt >= FLOOR_RTT ? '+' : ''}${fmt(rtt - FLOOR_RTT)}`,
+      fmt(median(c.nagle)),
+      fmt(nagle),
+      c.design,
+    ]
   })
-  const head = ['contender', '0 ms: median', 'p95', `${rttMs} ms: median`, 'p95', 'RTTs (median)', `vs ${FLOOR_RTT}-RTT floor`, 'round trips by design']
+  const head = ['contender', '0 ms: median', 'p95', `${rttMs} ms: median`, 'p95', 'RTTs (median)', `vs ${FLOOR_RTT}-RTT floor`, `${rttMs} ms, Nagle server: median`, 'RTTs', 'round trips by design']
   return [
     `## Connect: new client to first row of \`select 1\` (ms, N=${r.n} each, interleaved)`,
     '',
@@ -83,6 +97,21 @@ function connectSection(r: Results): string {
     '',
     ...explainConnect(r).map((line) => `- ${line}`),
   ].join('\n')
+}
+
+/** Ratios against a server with TCP_NODELAY and one that leaves Nagle on, within this run. */
+function nagleLine(r: Results): string {
+  const m = (key: string, nagle: boolean) => {
+    const row = r.connect.find((c) => c.key === key)
+    return median((nagle ? row?.nagle : row?.samples.get(r.rttMs)) ?? [])
+  }
+  const ratios = (nagle: boolean) =>
+    `postgres-dsql / by hand ${fmt(m('ours', nagle) / m('byhand', nagle), 2)}, / postgres.js direct TLS without type fetch ${fmt(m('ours', nagle) / m('byhand-tuned', nagle), 2)}`
+  return (
+    `Against a server that leaves Nagle's algorithm on (stand-in \`nagle: true\`; whether DSQL's front end sets TCP_NODELAY is not known): ${ratios(true)}; ` +
+    `with TCP_NODELAY: ${ratios(false)}. The schema rides in the StartupMessage (\`options=-c search_path=...\`), so no SET reply is split from the first query's; ` +
+    `every client still waits once on a delayed ACK there: the stand-in's TLS 1.3 session tickets leave just before the password request, which Nagle then holds.`
+  )
 }
 
 /** Where the round trips go, from differences between rows of the same run. */
@@ -99,12 +128,13 @@ function explainConnect(r: Results): string[] {
       `The fraction above whole round trips is TLS, SigV4 and PostgreSQL back-end start-up CPU.`,
     `postgres-dsql: ${fmt(ours, 2)} RTT, ${fmt(ours - floor, 2)} RTT above the 4-step wire floor and ${fmt(ours - eager, 2)} above the unasked-token floor; ` +
       `${faster(byHand)} faster than postgres.js by hand and ${faster(official)} faster than the official pg connector at ${rttMs} ms. ` +
-      `Direct TLS saves the SSLRequest round trip, the built-in array types save the pg_type fetch, and the schema's SET rides with the first query: ` +
+      `Direct TLS saves the SSLRequest round trip, the built-in array types save the pg_type fetch, and the schema rides in the StartupMessage: ` +
       `selecting it costs ${fmt(ours - noSchema, 2)} RTT (row "schema: false"). ` +
       `At 0 ms the connector's first bytes leave about a millisecond late: postgres.js opens every connection from a \`setTimeout(connect, 0)\` (≥ 1 ms in Node), which pg does not.`,
     `postgres.js by hand: the SSLRequest and the pg_type fetch cost ${fmt(byHand - tuned, 2)} RTT together ` +
       `(same driver with direct TLS and fetch_types: false: ${fmt(tuned, 2)} RTT, but then no schema is selected and arrays of built-in types are not parsed).`,
     `pg + official connector: ${fmt(official, 2)} RTT: pg sends an SSLRequest (1 RTT) and fetches no types; it selects no schema.`,
+    nagleLine(r),
   ]
 }
 

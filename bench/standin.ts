@@ -29,12 +29,13 @@ export interface Startup {
 export interface StandIn {
   target: Target
   startup: Startup
-  setLatency(ms: number): Promise<void>
+  /** Simulated round trip for new connections; `nagle`: the server leaves Nagle's algorithm on (default off). */
+  setLatency(ms: number, nagle?: boolean): Promise<void>
   stats(): Promise<LocalDsqlStats>
   stop(): Promise<void>
 }
 
-type Call = { op: 'latency'; ms: number } | { op: 'stats' } | { op: 'stop' }
+type Call = { op: 'latency'; ms: number; nagle: boolean } | { op: 'stats' } | { op: 'stop' }
 type Request = Call & { id: number }
 type Reply = { id: number; stats?: LocalDsqlStats; error?: string }
 type Hello = { target: Target; startup: Startup } | { error: string }
@@ -55,7 +56,7 @@ export async function startStandIn(): Promise<StandIn> {
   const call = rpc(child)
   return {
     ...hello,
-    setLatency: async (ms) => void (await call({ op: 'latency', ms })),
+    setLatency: async (ms, nagle = false) => void (await call({ op: 'latency', ms, nagle })),
     stats: async () => (await call({ op: 'stats' })).stats!,
     stop: async () => {
       const exited = new Promise((resolve) => (child.exitCode === null ? child.once('exit', resolve) : resolve(null)))
@@ -119,7 +120,7 @@ async function child(): Promise<void> {
   process.on('disconnect', () => void stop())
   process.on('message', (message: Request) => {
     try {
-      if (message.op === 'latency') running.setLimits({ latencyMs: message.ms })
+      if (message.op === 'latency') void running.setLimits({ latencyMs: message.ms, nagle: message.nagle })
       if (message.op === 'stop') return void running.stop().finally(() => process.send?.({ id: message.id }, () => process.exit(0)))
       send({ id: message.id, stats: message.op === 'stats' ? running.stats() : undefined })
     } catch (err) {

@@ -8,7 +8,7 @@ import { dial, isUnreachable, NoDirectTls, socketError, where } from './dial'
 import { Handover, type Session } from './handover'
 import { Hosts } from './hosts'
 import * as wire from '../wire'
-import { startup, type OnConnect, type PgSocketOptions } from './startup'
+import { SchemaOptionRefused, startup, type OnConnect, type PgSocketOptions } from './startup'
 
 export type { PgSocketOptions } from './startup'
 
@@ -37,6 +37,9 @@ export function connector(config: DsqlConfig, mintFor: (endpoint: DsqlConfig) =>
   if (config.transport === 'websocket') (require('./websocket') as typeof import('./websocket')).webSocketImpl(config)
   const endpoints = new Map(hosts.endpoints.map((e) => [e, { config: { ...e, tls: { ...e.tls, secureContext } }, mint: mintFor(e), negotiation: e.sslnegotiation }]))
 
+  // The schema goes in the StartupMessage until a server refuses it there; then with a SET.
+  let schemaInStartup = true
+
   // Which endpoint holds each session, by backend key: a CancelRequest must go to that endpoint.
   const sessions = new Map<string, DsqlConfig>()
   const remember = (replay: Buffer, endpoint: DsqlConfig) => {
@@ -58,8 +61,9 @@ export function connector(config: DsqlConfig, mintFor: (endpoint: DsqlConfig) =>
       const until = hosts.multi ? Math.min(deadline, Date.now() + Math.max(1000, (deadline - Date.now()) / (order.length - failures.length))) : deadline
       for (;;) {
         const current = { ...state.config, sslnegotiation: state.negotiation }
+        const inStartup = schemaInStartup
         try {
-          const { stream, replay, rest, pipelined } = await establish(current, state.mint, pg, options.onconnect, until, signal)
+          const { stream, replay, rest, pipelined } = await establish(current, state.mint, pg, options.onconnect, until, signal, inStartup)
           hosts.up(endpoint)
           remember(replay, endpoint)
           // postgres.js hands a connection opened for sql.reserve()/sql.begin() over only on 'drain'
@@ -70,8 +74,14 @@ export function connector(config: DsqlConfig, mintFor: (endpoint: DsqlConfig) =>
           const error = asDsqlError(err, current)
           if (error instanceof NoDirectTls && current.directFallback && current.sslnegotiation === 'direct') {
             // Servers before PostgreSQL 17 (and proxies) read a ClientHello as a broken startup packet.
-            logger?.warn?.('dsql: the server does not speak direct TLS; using SSLRequest from now on', { host: current.host })
+            if (state.negotiation === 'direct') logger?.warn?.('dsql: the server does not speak direct TLS; using SSLRequest from now on', { host: current.host })
             state.negotiation = 'postgres'
+            continue
+          }
+          if (error instanceof SchemaOptionRefused && inStartup) {
+            // Once, though connections opened together all meet the refusal.
+            if (schemaInStartup) logger?.warn?.('dsql: the server refused the schema in the startup message; selecting it with SET from now on', { host: current.host, message: error.message })
+            schemaInStartup = false
             continue
           }
           // A refused token, a failing hook or missing credentials would fail on every endpoint alike.
@@ -134,7 +144,15 @@ function backoffMs(attempt: number): number {
   return Math.round(Math.random() * Math.min(2000, 50 * 2 ** (attempt - 1)))
 }
 
-async function establish(config: DsqlConfig, mint: Mint, pg: PgSocketOptions, onconnect: OnConnect | undefined, deadline: number, signal: AbortSignal) {
+async function establish(
+  config: DsqlConfig,
+  mint: Mint,
+  pg: PgSocketOptions,
+  onconnect: OnConnect | undefined,
+  deadline: number,
+  signal: AbortSignal,
+  schemaInStartup: boolean,
+) {
   // Signing overlaps the TCP and TLS handshakes; the token is sent only after the certificate verified.
   const token = mint()
   token.catch(() => undefined)
@@ -145,7 +163,7 @@ async function establish(config: DsqlConfig, mint: Mint, pg: PgSocketOptions, on
   signal.addEventListener('abort', abort, { once: true })
   try {
     if (signal.aborted) throw new DsqlConnectionError('The connection is no longer wanted.', { retryable: false })
-    return { stream, ...(await startup(stream, token, pg, config, onconnect, deadline)) }
+    return { stream, ...(await startup(stream, token, pg, config, onconnect, deadline, schemaInStartup)) }
   } catch (err) {
     stream.destroy()
     throw err

@@ -15,6 +15,12 @@ export interface PgSocketOptions {
 
 export type OnConnect = (session: DsqlSession) => void | Promise<void>
 
+/**
+ * The server refused the StartupMessage once it carried `options=-c search_path=...` (a proxy
+ * that knows no `options`): the connector selects the schema with a SET from then on.
+ */
+export class SchemaOptionRefused extends DsqlConnectionError {}
+
 export interface Started {
   /**
    * What postgres.js is to read first, as if from a fresh server: the startup answer
@@ -40,12 +46,16 @@ export async function startup(
   config: DsqlConfig,
   onconnect: OnConnect | undefined,
   deadline: number,
+  schemaInStartup = true,
 ): Promise<Started> {
   const reader = new Reader(stream, deadline, config)
+  // In the StartupMessage the schema costs nothing: a SET would add a reply that, split from the
+  // first query's, waits on a delayed ACK at a server that leaves Nagle on.
+  const inStartup = schemaInStartup && config.schema !== false
   try {
-    stream.write(wire.startupMessage(startupParams(pg)))
-    const { replay, parameters } = await authenticate(reader, stream, token, config)
-    const setSchema = config.schema === false ? null : `SET search_path = ${wire.quoteIdentifier(config.schema)}`
+    stream.write(wire.startupMessage(startupParams(pg, inStartup ? config.schema : false)))
+    const { replay, parameters } = await authenticate(reader, stream, token, config, inStartup)
+    const setSchema = config.schema === false || inStartup ? null : `SET search_path = ${wire.quoteIdentifier(config.schema)}`
     if (!onconnect) return { replay, rest: reader.detach(), pipelined: setSchema }
     const session: DsqlSession = { query: (sql) => reader.query(sql), parameters }
     if (setSchema) await session.query(setSchema)
@@ -66,19 +76,36 @@ export async function startup(
 /** ReadyForQuery: 'Z', int32 5, status byte. */
 const READY_LENGTH = 6
 
-function startupParams(pg: PgSocketOptions): Record<string, string> {
+function startupParams(pg: PgSocketOptions, schema: string | false): Record<string, string> {
   const params: Record<string, string> = { user: pg.user, database: pg.database, client_encoding: 'UTF8' }
   for (const [k, v] of Object.entries(pg.connection)) if (v !== undefined && v !== null && v !== false) params[k] = String(v)
+  if (schema === false) return params
+  // The schema wins over the user's own search_path, as the SET after the startup did: after
+  // their options (the later -c wins), and without a search_path parameter (it would beat options).
+  delete params.search_path
+  params.options = [params.options, `-c search_path=${escapeOption(wire.quoteIdentifier(schema))}`].filter(Boolean).join(' ')
   return params
 }
 
-async function authenticate(reader: Reader, stream: Duplex, token: Promise<string>, config: DsqlConfig) {
+/** The server splits `options` at whitespace; a backslash keeps the next character. */
+const escapeOption = (value: string) => value.replace(/[\\\s]/g, (c) => `\\${c}`)
+
+/** Refusals that may be about `options` (not the token, not a quota): worth a try with a SET instead. */
+const OPTION_REFUSAL = /option|search_path|parameter|setting/i
+
+async function authenticate(reader: Reader, stream: Duplex, token: Promise<string>, config: DsqlConfig, sentOptions: boolean) {
   const replay: Buffer[] = []
   const parameters: Record<string, string> = {}
   for (;;) {
     const message = await reader.next()
     const type = String.fromCharCode(message[0])
-    if (type === 'E') throw startupError(wire.errorFields(message), config)
+    if (type === 'E') {
+      const fields = wire.errorFields(message)
+      const error = startupError(fields, config)
+      if (sentOptions && error.constructor === DsqlConnectionError && !(error as DsqlConnectionError).retryable && OPTION_REFUSAL.test(`${fields.M} ${fields.D ?? ''}`))
+        throw new SchemaOptionRefused(`${where(config)} refused the schema in the startup message (${fields.M}); selecting it with SET instead.`, { retryable: false, sqlstate: fields.C })
+      throw error
+    }
     if (type === 'R') {
       const code = wire.authCode(message)
       if (code === 3) stream.write(wire.passwordMessage(await reader.guard(token)))

@@ -19,10 +19,13 @@ import { acceptWebSocket } from './websocket'
  * TLS, on the StartupMessage; 'password': on the token). afterReady: right after the startup's
  * ReadyForQuery, send a NoticeResponse and a ParameterStatus (dsql_local_fault = after-ready),
  * 'coalesced' in the same write, or 'split' in two writes a moment apart, cut mid-message.
+ * refuseOptions: refuse a StartupMessage that has an `options` parameter, as a proxy that does
+ * not know it would (PgBouncer: 08P01 unsupported startup parameter: options).
  */
 export interface GatewayFaults {
   closeAt?: 'accept' | 'startup' | 'password'
   afterReady?: 'coalesced' | 'split'
+  refuseOptions?: boolean
 }
 
 export const LOOPBACK = '127.0.0.1'

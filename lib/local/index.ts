@@ -69,6 +69,8 @@ export interface LocalDsqlOptions {
   maxConnections?: number
   connectionRate?: { perSecond: number; burst: number }
   latencyMs?: number
+  /** Leave Nagle's algorithm on towards clients (no TCP_NODELAY), as a default TCP server does; default false. */
+  nagle?: boolean
   logger?: Logger
   /**
    * DSQL's SQL dialect (default on): statements DSQL refuses are refused with its SQLSTATE and
@@ -216,6 +218,7 @@ export async function startLocalDsql(options: LocalDsqlOptions = {}): Promise<Lo
         maxConnections: options.maxConnections,
         connectionRate: options.connectionRate,
         latencyMs: options.latencyMs,
+        nagle: options.nagle,
       },
       logger,
       dialect,

@@ -55,11 +55,12 @@ export class DelayedDuplex extends Duplex {
   constructor(
     private readonly raw: Socket,
     roundTripMs: number,
+    nagle = false,
   ) {
     super()
     this.inbound = new DelayLine(roundTripMs / 2)
     this.outbound = new DelayLine(roundTripMs / 2)
-    raw.setNoDelay(true)
+    raw.setNoDelay(!nagle)
     raw.on('data', (chunk: Buffer) =>
       this.inbound.push(() => {
         if (!this.push(chunk)) raw.pause()

@@ -15,6 +15,11 @@ export interface Limits {
   connectionRate: ConnectionRate
   /** Added round trip, half each way, on every byte including the TLS handshake. */
   latencyMs: number
+  /**
+   * Leave Nagle's algorithm on towards the client (no TCP_NODELAY), as a TCP server does by
+   * default: small writes wait for the client's (delayed) ACK. Whether DSQL sets it is not known.
+   */
+  nagle: boolean
   /** Answer new connections as a cluster that is still waking up. */
   wakingUp: boolean
 }
@@ -24,6 +29,7 @@ export const DEFAULT_LIMITS: Limits = {
   maxConnections: 10_000,
   connectionRate: { perSecond: 100, burst: 1000 },
   latencyMs: 0,
+  nagle: false,
   wakingUp: false,
 }
 
@@ -42,8 +48,9 @@ export function mergeLimits(base: Limits, change: Partial<Limits>): Limits {
         next.connectionRate = rate(value)
         break
       case 'wakingUp':
+      case 'nagle':
         expect(typeof value === 'boolean', key, value)
-        next.wakingUp = value as boolean
+        next[key] = value as boolean
         break
       default:
         throw new TypeError(`Unknown limit ${key}`)

@@ -93,7 +93,7 @@ export class ClientConnection {
     readonly raw: Socket,
     limits: Limits,
   ) {
-    this.stream = new DelayedDuplex(raw, limits.latencyMs)
+    this.stream = new DelayedDuplex(raw, limits.latencyMs, limits.nagle)
     this.stream.on('error', () => this.destroy())
     // The stream closes after the raw socket, once the bytes delayed before the close are through.
     this.stream.on('close', () => this.destroy())
@@ -148,6 +148,8 @@ export async function serve(connection: ClientConnection, context: GatewayContex
   // A guess (DSQL's answer at startup is not recorded): SET's words, as a FATAL once authenticated.
   const setting = context.dialect?.dialect.startupRefusal(params)
   if (setting) return refuse(connection, secured, context, { severity: 'FATAL', code: setting.code, message: setting.message })
+  if (faults.refuseOptions && params.options !== undefined)
+    return refuse(connection, secured, context, { severity: 'FATAL', code: '08P01', message: 'unsupported startup parameter: options' })
 
   if (!(await openSession(connection, secured, params, context, faults))) return
   clearTimeout(startupTimer)

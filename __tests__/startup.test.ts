@@ -1,0 +1,172 @@
+/**
+ * How a connection is set up, on the wire: the schema rides in the StartupMessage
+ * (`options=-c search_path=...`), falls back to a SET when a server refuses `options`, and the
+ * client's writes per connection stay few (what a server that leaves Nagle on makes costly).
+ */
+import * as tls from 'node:tls'
+import dsql, { type DsqlOptions } from '../lib'
+import { startLocalDsql, type LocalDsql } from '../lib/local'
+
+let local: LocalDsql
+
+beforeAll(async () => {
+  local = await startLocalDsql({ roles: ['appuser'], nagle: true })
+}, 60_000)
+
+afterEach(() => local.setFaults({}))
+afterAll(async () => local?.stop())
+
+const options = (extra: DsqlOptions = {}): DsqlOptions => ({
+  host: local.host,
+  hostaddr: local.hostaddr,
+  port: local.port,
+  sslrootcert: local.caFile,
+  credentials: local.credentials,
+  ...extra,
+})
+
+/** The plaintext the client writes to the stand-in, one entry per write() on its TLS sockets. */
+function recordClientWrites(): { writes: string[]; restore(): void } {
+  const writes: string[] = []
+  // The module object itself: `import * as` gives a copy whose properties cannot be redefined.
+  const tlsModule = jest.requireActual<typeof tls>('node:tls')
+  const connect = tlsModule.connect
+  const spy = jest.spyOn(tlsModule, 'connect').mockImplementation((...args: unknown[]) => {
+    const socket = (connect as (...a: unknown[]) => tls.TLSSocket)(...args)
+    const write = socket.write
+    socket.write = ((...w: unknown[]) => {
+      writes.push(Buffer.from(w[0] as Buffer).toString('latin1'))
+      return (write as (...a: unknown[]) => boolean).apply(socket, w)
+    }) as typeof socket.write
+    return socket
+  })
+  return { writes, restore: () => spy.mockRestore() }
+}
+
+async function schemaOf(extra: DsqlOptions): Promise<{ schema: string | null; path: string }> {
+  const sql = dsql(options({ max: 1, ...extra }))
+  try {
+    const [row] = await sql`select current_schema() as schema, current_setting('search_path') as path`
+    return { schema: row.schema as string | null, path: row.path as string }
+  } finally {
+    await sql.end({ timeout: 2 })
+  }
+}
+
+describe('the schema in the StartupMessage', () => {
+  test('admin gets public, appuser myschema, a chosen schema that one, schema: false the default', async () => {
+    expect(await schemaOf({})).toEqual({ schema: 'public', path: '"public"' })
+    expect(await schemaOf({ user: 'appuser' })).toEqual({ schema: 'myschema', path: '"myschema"' })
+    expect((await schemaOf({ schema: 'pg_catalog' })).schema).toBe('pg_catalog')
+    expect((await schemaOf({ user: 'appuser', schema: false })).path).toBe('"$user", public')
+  })
+
+  test('a schema name with spaces and quotes survives the options escaping', async () => {
+    const name = 'odd "name\\ here'
+    const admin = dsql(options({ max: 1 }))
+    try {
+      await admin.unsafe(`create schema if not exists "${name.replace(/"/g, '""')}"`)
+    } finally {
+      await admin.end({ timeout: 2 })
+    }
+    expect((await schemaOf({ schema: name })).schema).toBe(name)
+  })
+
+  test('is sent as options; no SET goes out; three client writes to the first row', async () => {
+    const recorded = recordClientWrites()
+    try {
+      expect(await schemaOf({ user: 'appuser' })).toEqual({ schema: 'myschema', path: '"myschema"' })
+    } finally {
+      recorded.restore()
+    }
+    const [startupMessage, password, query, ...after] = recorded.writes
+    expect(startupMessage).toContain('options\0-c search_path="myschema"\0')
+    expect(password[0]).toBe('p')
+    expect(query).toContain('select current_schema()')
+    expect(recorded.writes.join('')).not.toMatch(/SET search_path/i)
+    // Then only postgres.js's Terminate.
+    expect(after.map((w) => w[0])).toEqual(['X'])
+  })
+
+  test("with the user's own options, the schema's -c comes after them; the schema wins over a search_path parameter", async () => {
+    const recorded = recordClientWrites()
+    try {
+      const sql = dsql(options({ max: 1, connection: { options: '-c TimeZone=Asia/Tokyo', search_path: 'pg_catalog' } }))
+      try {
+        const [row] = await sql`select current_schema() as s, current_setting('TimeZone') as tz`
+        expect(row).toEqual({ s: 'public', tz: 'Asia/Tokyo' })
+      } finally {
+        await sql.end({ timeout: 2 })
+      }
+    } finally {
+      recorded.restore()
+    }
+    expect(recorded.writes[0]).toContain('options\0-c TimeZone=Asia/Tokyo -c search_path="public"\0')
+  })
+})
+
+describe('a server that refuses options in the StartupMessage', () => {
+  test('the schema is selected with a SET instead, remembered for the next connections', async () => {
+    local.setFaults({ refuseOptions: true })
+    const warnings: string[] = []
+    const sql = dsql(options({ user: 'appuser', max: 2, logger: { warn: (message) => warnings.push(message) } }))
+    const recorded = recordClientWrites()
+    try {
+      const accepted = local.stats().accepted
+      const [first] = await sql`select current_schema() as s`
+      expect(first.s).toBe('myschema')
+      // One connection refused, one that selected the schema with a SET.
+      expect(local.stats().accepted - accepted).toBe(2)
+      expect(warnings.filter((w) => /refused the schema in the startup message/.test(w))).toHaveLength(1)
+
+      // A second connection (the first is reserved) goes straight to the SET.
+      const reserved = await sql.reserve()
+      recorded.writes.length = 0
+      try {
+        const [second] = await sql`select current_schema() as s, pg_backend_pid() as pid`
+        const [mine] = await reserved`select pg_backend_pid() as pid`
+        expect(second.s).toBe('myschema')
+        expect(second.pid).not.toBe(mine.pid)
+      } finally {
+        reserved.release()
+      }
+      expect(local.stats().accepted - accepted).toBe(3)
+      expect(warnings).toHaveLength(1)
+      const [startupMessage, password, query] = recorded.writes
+      expect(startupMessage).not.toContain('options\0')
+      expect(password[0]).toBe('p')
+      // The SET and the first query leave in one write.
+      expect(query).toMatch(/^Q.{4}SET search_path = "myschema"\0[\s\S]*select current_schema\(\)/)
+    } finally {
+      recorded.restore()
+      await sql.end({ timeout: 2 })
+    }
+  })
+
+  test('schema: false sends no options, so nothing is refused', async () => {
+    local.setFaults({ refuseOptions: true })
+    const accepted = local.stats().accepted
+    expect((await schemaOf({ schema: false })).path).toBe('"$user", public')
+    expect(local.stats().accepted - accepted).toBe(1)
+  })
+
+  test("the user's own refused options fail with the server's words after one try with the schema by SET", async () => {
+    local.setFaults({ refuseOptions: true })
+    const sql = dsql(options({ max: 1, connection: { options: '-c TimeZone=UTC' } }))
+    try {
+      await expect(sql`select 1`).rejects.toThrow(/unsupported startup parameter: options/)
+    } finally {
+      await sql.end({ timeout: 2 })
+    }
+  })
+})
+
+describe('the stand-in nagle switch', () => {
+  test('is a boolean limit, changeable at run time; connections work either way', async () => {
+    expect(() => local.setLimits({ nagle: 'yes' as unknown as boolean })).toThrow(/Invalid limit nagle/)
+    await local.setLimits({ nagle: false })
+    expect((await schemaOf({})).schema).toBe('public')
+    await local.setLimits({ nagle: true })
+    expect((await schemaOf({})).schema).toBe('public')
+  })
+})
