@@ -58,6 +58,8 @@ export function dsql<T extends Types = {}>(first?: string | DsqlOptions<T>, seco
     return open(pg)
   }
   const sql = postgres(postgresOptions(options, config, socket, mint) as unknown as postgres.Options<T>) as unknown as DsqlSql<T>
+  // postgres.js's connections took its backstop timeout (ours + 1 s) when created; show the user's.
+  ;(sql.options as { connect_timeout: number }).connect_timeout = config.connectTimeoutMs / 1000
   const end = sql.end
   sql.end = (...args: Parameters<typeof end>) => ((ending = true), end(...args))
   const state: DsqlEndpoints = {
