@@ -342,6 +342,21 @@ describe('options', () => {
     const unclosed = migrations({ 'unclosed_1.sql': 'SELECT 1;\nBEGIN;\nINSERT INTO x VALUES (1);\n' })
     await expect(plan(sql, { dir: unclosed })).rejects.toMatchObject({ code: 'MIGRATE_FILES', message: 'unclosed_1.sql:2: BEGIN without COMMIT: end the block with COMMIT.' })
   })
+
+  test('a pool of one connection is refused before anything runs: the claim heartbeat would wait forever behind the reserved connection', async () => {
+    const single = dsql({ ...connection(), max: 1, onnotice: () => undefined })
+    try {
+      const dir = migrations({ 'single_1.sql': 'CREATE TABLE single_t (n int);\n' })
+      const err = await migrate(single, { dir }).catch((e: unknown) => e)
+      expect(err).toBeInstanceOf(DsqlConfigError)
+      expect((err as Error).message).toBe(
+        'migrate needs a pool of at least 2 connections (max: 1 was given): one runs the statements, the other keeps their claims alive. Pass max: 2 or more.',
+      )
+      expect(await sql`select 1 from pg_tables where tablename = 'single_t'`).toEqual([])
+    } finally {
+      await single.end()
+    }
+  })
 })
 
 describe('the command', () => {
