@@ -220,6 +220,23 @@ describe('options', () => {
     expect(() => loadTestOptions(dir)).toThrow(message)
   })
 
+  test.each([
+    ['postgres-dsql.config.json', '{ "roles": ["x"], }'],
+    ['postgres-dsql.config.cjs', 'module.exports = { roles: [x] }'],
+    ['postgres-dsql.config.cjs', 'module.exports = { roles: ['],
+    ['package.json', '{ "name": "app", "postgres-dsql": { } '],
+  ])('a %s that does not load is a config error naming the file', (name, text) => {
+    writeFileSync(join(dir, name), text)
+    let thrown: unknown
+    try {
+      loadTestOptions(dir)
+    } catch (err) {
+      thrown = err
+    }
+    expect(thrown).toBeInstanceOf(DsqlConfigError)
+    expect((thrown as Error).message).toContain(`${join(dir, name)}: could not be loaded (`)
+  })
+
   test('an ES module config file is refused with what to do', () => {
     writeFileSync(join(dir, 'package.json'), JSON.stringify({ type: 'module' }))
     writeFileSync(join(dir, 'postgres-dsql.config.js'), `export default { roles: ['x'] }`)

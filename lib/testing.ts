@@ -51,19 +51,20 @@ export function loadTestOptions(dir: string): DsqlTestOptions {
   if (file) return checkOptions(loadFile(file), file)
   const pkg = join(dir, 'package.json')
   if (!existsSync(pkg)) return {}
-  const own = (JSON.parse(readFileSync(pkg, 'utf8')) as Record<string, unknown>)['postgres-dsql']
+  const own = (loadFile(pkg) as Record<string, unknown> | null)?.['postgres-dsql']
   return own === undefined ? {} : checkOptions(own, `${pkg} ("postgres-dsql")`)
 }
 
+/** A file that does not parse or throws is named in the error: jest alone would show a bare SyntaxError. */
 function loadFile(file: string): unknown {
-  if (file.endsWith('.json')) return JSON.parse(readFileSync(file, 'utf8'))
   try {
+    if (file.endsWith('.json')) return JSON.parse(readFileSync(file, 'utf8'))
     const loaded = require(file) as { default?: unknown }
     return loaded && typeof loaded === 'object' && 'default' in loaded ? loaded.default : loaded
   } catch (err) {
     if ((err as { code?: string }).code === 'ERR_REQUIRE_ESM')
       throw new DsqlConfigError(`${file} is an ES module: name it postgres-dsql.config.cjs (module.exports = {...}) or use postgres-dsql.config.json.`)
-    throw err
+    throw new DsqlConfigError(`${file}: could not be loaded (${err instanceof Error ? `${err.name}: ${err.message}` : String(err)}). Fix it or remove it.`)
   }
 }
 
