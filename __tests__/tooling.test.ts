@@ -7,7 +7,7 @@ import { execFile } from 'node:child_process'
 import { chmodSync, cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
-import { DsqlConfigError } from '../lib'
+import { dsql, DsqlConfigError } from '../lib'
 import { loadTestOptions, startTestDsql } from '../lib/testing'
 
 const root = resolve(__dirname, '..')
@@ -211,7 +211,7 @@ describe('options', () => {
 
   test.each([
     [{ role: ['x'] }, /unknown option `role`; known: roles, /],
-    [{ migrations: 'migrations' }, /`migrations` is not supported yet; apply a SQL file with `setupSql`/],
+    [{ migrations: 7 }, /`migrations` must be the path of a directory of \*\.sql files, got 7/],
     [{ setupSql: 3 }, /`setupSql` must be the path of a SQL file, got 3/],
     [['roles'], /expected an object of options/],
   ])('%j is refused clearly', (options, message) => {
@@ -250,6 +250,31 @@ describe('options', () => {
     if (thrown) expect(String(thrown)).toMatch(/name it postgres-dsql\.config\.cjs/)
     else expect(loadTestOptions(dir)).toEqual({ roles: ['x'] })
   })
+
+  test('migrations are applied with postgres-dsql/migrate after setupSql; a failing one names file and line and stops the stand-in', async () => {
+    mkdirSync(join(dir, 'db'))
+    writeFileSync(join(dir, 'schema.sql'), 'create table base (id int primary key);\n')
+    writeFileSync(join(dir, 'db', '001_orders.sql'), 'CREATE TABLE orders (id int PRIMARY KEY, base int);\nCREATE INDEX ASYNC orders_by_base ON orders (base);\nINSERT INTO orders VALUES (1, 1), (2, 1);\n')
+    writeFileSync(join(dir, 'postgres-dsql.config.json'), JSON.stringify({ setupSql: 'schema.sql', migrations: 'db' }))
+    const before = process.env.PGSSLROOTCERT
+    const { stop } = await startTestDsql(dir)
+    try {
+      const sql = dsql({ max: 1 })
+      try {
+        expect(await sql`select count(*)::int as n from orders`).toEqual([{ n: 2 }])
+        expect(await sql`select count(*)::int as n from base`).toEqual([{ n: 0 }])
+      } finally {
+        await sql.end()
+      }
+    } finally {
+      await stop()
+    }
+    expect(process.env.PGSSLROOTCERT).toBe(before)
+
+    writeFileSync(join(dir, 'db', '002_bad.sql'), 'INSERT INTO orders VALUES (3, 1);\nINSERT INTO missing VALUES (1);\n')
+    await expect(startTestDsql(dir)).rejects.toThrow(/^migrations: 002_bad\.sql:2: statement 2 failed: relation "missing" does not exist/)
+    expect(process.env.PGSSLROOTCERT).toBe(before)
+  }, 120_000)
 
   test('a failing setupSql statement names the file and line, stops the stand-in and leaves the environment alone', async () => {
     writeFileSync(join(dir, 'schema.sql'), `create table ok (id int primary key);\n\ncreate table bad (id serial primary key);\n`)

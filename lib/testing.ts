@@ -9,6 +9,7 @@ import dsql from './index'
 import { DsqlConfigError } from './errors'
 import { startLocalDsql, type LocalDsqlDialectOptions, type LocalDsqlOptions } from './local'
 import { splitStatements } from './local/lexer'
+import { migrate, MigrationError } from './migrate'
 
 /** Options of `preset: 'postgres-dsql'` and `globalSetup: 'postgres-dsql/vitest'`. */
 export interface DsqlTestOptions {
@@ -25,6 +26,8 @@ export interface DsqlTestOptions {
   lockTimeoutMs?: number
   /** A SQL file applied as admin before the tests, one statement at a time (DSQL: one DDL per transaction). */
   setupSql?: string
+  /** A directory of migrations applied as admin with `postgres-dsql/migrate`, after `setupSql`. */
+  migrations?: string
 }
 
 /** The running stand-in, as test files see it (vitest: `inject('postgresDsql')`). */
@@ -41,7 +44,7 @@ export interface DsqlTestTarget {
 }
 
 export const CONFIG_FILES = ['postgres-dsql.config.js', 'postgres-dsql.config.cjs', 'postgres-dsql.config.json']
-const KEYS = new Set(['roles', 'dialect', 'region', 'clusterId', 'maxConnections', 'maxConnectionDurationSecs', 'connectionRate', 'latencyMs', 'lockTimeoutMs', 'setupSql'])
+const KEYS = new Set(['roles', 'dialect', 'region', 'clusterId', 'maxConnections', 'maxConnectionDurationSecs', 'connectionRate', 'latencyMs', 'lockTimeoutMs', 'setupSql', 'migrations'])
 /** A developer's own AWS setup must not decide which keys the tests sign with. */
 const CLEARED = ['AWS_PROFILE', 'AWS_SESSION_TOKEN', 'AWS_DEFAULT_PROFILE']
 
@@ -71,12 +74,13 @@ function loadFile(file: string): unknown {
 function checkOptions(value: unknown, where: string): DsqlTestOptions {
   if (!value || typeof value !== 'object' || Array.isArray(value)) throw new DsqlConfigError(`${where}: expected an object of options, got ${JSON.stringify(value)}.`)
   for (const key of Object.keys(value)) {
-    if (key === 'migrations') throw new DsqlConfigError(`${where}: \`migrations\` is not supported yet; apply a SQL file with \`setupSql\`.`)
     if (!KEYS.has(key)) throw new DsqlConfigError(`${where}: unknown option \`${key}\`; known: ${[...KEYS].join(', ')}.`)
   }
   const options = value as DsqlTestOptions
   if (options.setupSql !== undefined && (typeof options.setupSql !== 'string' || !options.setupSql))
     throw new DsqlConfigError(`${where}: \`setupSql\` must be the path of a SQL file, got ${JSON.stringify(options.setupSql)}.`)
+  if (options.migrations !== undefined && (typeof options.migrations !== 'string' || !options.migrations))
+    throw new DsqlConfigError(`${where}: \`migrations\` must be the path of a directory of *.sql files, got ${JSON.stringify(options.migrations)}.`)
   return options
 }
 
@@ -85,7 +89,7 @@ function checkOptions(value: unknown, where: string): DsqlTestOptions {
  * sets the environment; the returned `stop` stops it and restores the environment.
  */
 export async function startTestDsql(dir: string): Promise<{ target: DsqlTestTarget; stop: () => Promise<void> }> {
-  const { setupSql, ...options } = loadTestOptions(dir)
+  const { setupSql, migrations, ...options } = loadTestOptions(dir)
   const local = await startLocalDsql(options satisfies LocalDsqlOptions)
   const saved = Object.fromEntries([...Object.keys(local.env), ...CLEARED].map((name) => [name, process.env[name]]))
   const stop = async () => {
@@ -96,7 +100,8 @@ export async function startTestDsql(dir: string): Promise<{ target: DsqlTestTarg
     await local.stop()
   }
   try {
-    await prepareDatabase(local, { setupSql: setupSql && (isAbsolute(setupSql) ? setupSql : resolve(dir, setupSql)) })
+    const path = (p: string | undefined) => p && (isAbsolute(p) ? p : resolve(dir, p))
+    await prepareDatabase(local, { setupSql: path(setupSql), migrations: path(migrations) })
   } catch (err) {
     await local.stop()
     throw err
@@ -110,26 +115,40 @@ export async function startTestDsql(dir: string): Promise<{ target: DsqlTestTarg
 
 type Local = Awaited<ReturnType<typeof startLocalDsql>>
 
-/**
- * Brings the new database to what the tests expect. Hook point: a migrations directory (applied
- * by `postgres-dsql/migrate`) belongs here, after the SQL file.
- */
-async function prepareDatabase(local: Local, { setupSql }: { setupSql?: string }): Promise<void> {
-  if (!setupSql) return
+/** Brings the new database to what the tests expect: the SQL file, then the migrations. */
+async function prepareDatabase(local: Local, { setupSql, migrations }: { setupSql?: string; migrations?: string }): Promise<void> {
+  if (!setupSql && !migrations) return
+  // migrate needs two connections: one runs the statements, the other keeps their claims alive.
+  const sql = dsql({ host: local.host, hostaddr: local.hostaddr, port: local.port, sslrootcert: local.caFile, credentials: local.credentials, max: 2, onnotice: () => undefined })
+  try {
+    if (setupSql) await applySqlFile(sql, setupSql)
+    if (migrations) {
+      try {
+        await migrate(sql, { dir: migrations })
+      } catch (err) {
+        throw err instanceof MigrationError ? new MigrationError(err.code, `migrations: ${err.message}`, { ...err, cause: err.cause }) : err
+      }
+    }
+  } finally {
+    await sql.end()
+  }
+}
+
+async function applySqlFile(sql: ReturnType<typeof dsql>, setupSql: string): Promise<void> {
   if (!existsSync(setupSql)) throw new DsqlConfigError(`setupSql: no file ${setupSql}.`)
   const text = readFileSync(setupSql, 'utf8')
-  const sql = dsql({ host: local.host, hostaddr: local.hostaddr, port: local.port, sslrootcert: local.caFile, credentials: local.credentials, max: 1 })
+  // One session for the whole file: a SET in it lasts for the statements after it.
+  const conn = await sql.reserve()
   try {
-    const statements = splitStatements(text)
-    for (const [i, { start, end }] of statements.entries()) {
+    for (const [i, { start, end }] of splitStatements(text).entries()) {
       try {
-        await sql.unsafe(text.slice(start, end))
+        await conn.unsafe(text.slice(start, end))
       } catch (err) {
         const line = text.slice(0, start).split('\n').length
         throw new DsqlConfigError(`setupSql: statement ${i + 1} of ${setupSql} (line ${line}) failed: ${err instanceof Error ? err.message : String(err)}`)
       }
     }
   } finally {
-    await sql.end()
+    conn.release()
   }
 }
