@@ -251,6 +251,32 @@ describe('options', () => {
     else expect(loadTestOptions(dir)).toEqual({ roles: ['x'] })
   })
 
+  test("a developer's AWS identity variables are removed for the tests and restored after", async () => {
+    const mine = { AWS_PROFILE: 'developer', AWS_DEFAULT_PROFILE: 'developer', AWS_SESSION_TOKEN: 'mine', AWS_SECURITY_TOKEN: 'mine', AWS_CREDENTIAL_EXPIRATION: '2000-01-01T00:00:00Z' }
+    const saved = Object.fromEntries(Object.keys(mine).map((k) => [k, process.env[k]]))
+    Object.assign(process.env, mine)
+    try {
+      const { stop } = await startTestDsql(dir)
+      try {
+        expect(Object.keys(mine).filter((k) => process.env[k] !== undefined)).toEqual([])
+        const sql = dsql({ max: 1 })
+        try {
+          expect(await sql`select 1 as one`).toEqual([{ one: 1 }])
+        } finally {
+          await sql.end()
+        }
+      } finally {
+        await stop()
+      }
+      expect(Object.fromEntries(Object.keys(mine).map((k) => [k, process.env[k]]))).toEqual(mine)
+    } finally {
+      for (const [k, v] of Object.entries(saved)) {
+        if (v === undefined) delete process.env[k]
+        else process.env[k] = v
+      }
+    }
+  }, 120_000)
+
   test('migrations are applied with postgres-dsql/migrate after setupSql; a failing one names file and line and stops the stand-in', async () => {
     mkdirSync(join(dir, 'db'))
     writeFileSync(join(dir, 'schema.sql'), 'create table base (id int primary key);\n')

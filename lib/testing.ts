@@ -45,8 +45,11 @@ export interface DsqlTestTarget {
 
 export const CONFIG_FILES = ['postgres-dsql.config.js', 'postgres-dsql.config.cjs', 'postgres-dsql.config.json']
 const KEYS = new Set(['roles', 'dialect', 'region', 'clusterId', 'maxConnections', 'maxConnectionDurationSecs', 'connectionRate', 'latencyMs', 'lockTimeoutMs', 'setupSql', 'migrations'])
-/** A developer's own AWS setup must not decide which keys the tests sign with. */
-const CLEARED = ['AWS_PROFILE', 'AWS_SESSION_TOKEN', 'AWS_DEFAULT_PROFILE']
+/**
+ * A developer's own AWS setup must not decide which keys the tests sign with: the variables that
+ * pick another identity or pair with other keys (the same list `npx postgres-dsql local` unsets).
+ */
+const CLEARED = ['AWS_PROFILE', 'AWS_DEFAULT_PROFILE', 'AWS_SESSION_TOKEN', 'AWS_SECURITY_TOKEN', 'AWS_CREDENTIAL_EXPIRATION']
 
 /** The options in `dir`: a `postgres-dsql.config.{js,cjs,json}` file, else package.json's `"postgres-dsql"` key, else none. */
 export function loadTestOptions(dir: string): DsqlTestOptions {
