@@ -18,7 +18,7 @@ let sql: DsqlSql
 const connection = () => ({ host: local.host, hostaddr: local.hostaddr, port: local.port, sslrootcert: local.caFile, credentials: local.credentials })
 
 beforeAll(async () => {
-  local = await startLocalDsql()
+  local = await startLocalDsql({ roles: ['appuser'] })
   sql = dsql({ ...connection(), onnotice: () => undefined })
 }, 60_000)
 afterAll(async () => {
@@ -379,6 +379,23 @@ describe('options', () => {
     await expect(migrate(sql, { dir: join(tmpdir(), 'no-such-dir-for-migrate') })).rejects.toMatchObject({ code: 'MIGRATE_FILES', message: expect.stringContaining('No migrations directory at') })
     const unclosed = migrations({ 'unclosed_1.sql': 'SELECT 1;\nBEGIN;\nINSERT INTO x VALUES (1);\n' })
     await expect(plan(sql, { dir: unclosed })).rejects.toMatchObject({ code: 'MIGRATE_FILES', message: 'unclosed_1.sql:2: BEGIN without COMMIT: end the block with COMMIT.' })
+  })
+
+  test('a role that may not create the ledger schema is told to name one it may use', async () => {
+    const app = dsql({ ...connection(), user: 'appuser', onnotice: () => undefined })
+    try {
+      const dir = migrations({ 'role_1.sql': 'CREATE TABLE role_t (n int);\n' })
+      const err = await rejection(migrate(app, { dir, ledgerSchema: 'role_ledger' }))
+      expect(err.code).toBe('MIGRATE_LEDGER')
+      expect(err.message).toMatch(/^Could not create the ledger schema "role_ledger": permission denied for database postgres \(SQLSTATE 42501\)\. /)
+      expect(err.message).toContain('Run migrate as admin, or pass a schema this role may create tables in: ledgerSchema / --ledger-schema (e.g. myschema).')
+      expect(err.cause).toMatchObject({ code: '42501' })
+      // The way out it names works.
+      await expect(migrate(app, { dir, ledgerSchema: 'myschema' })).resolves.toEqual({ applied: ['role_1.sql'] })
+      expect(await app`select count(*)::int as n from myschema.ledger`).toEqual([{ n: 1 }])
+    } finally {
+      await app.end()
+    }
   })
 
   test('a pool of one connection is refused before anything runs: the claim heartbeat would wait forever behind the reserved connection', async () => {
