@@ -211,6 +211,16 @@ describe('applying', () => {
     expect(await sql`select indisvalid from pg_index where indexrelid = 'late_key'::regclass`).toEqual([{ indisvalid: true }])
   }, 120_000)
 
+  test('the same file checked out on Windows (CRLF line ends, a byte order mark) is the same migration', async () => {
+    const text = "-- accounts\nCREATE TABLE crlf_t (\n  n int\n);\nINSERT INTO crlf_t VALUES (1);\n"
+    const dir = migrations({ 'crlf_1.sql': '\uFEFF' + text.replace(/\n/g, '\r\n') })
+    await expect(migrate(sql, { dir })).resolves.toEqual({ applied: ['crlf_1.sql'] })
+    expect(readMigrations(dir)[0].units.map((u) => u.line)).toEqual([2, 5])
+    migrations({ 'crlf_1.sql': text }, dir)
+    await expect(migrate(sql, { dir })).resolves.toEqual({ applied: [] })
+    expect(await sql`select n from crlf_t`).toEqual([{ n: 1 }])
+  })
+
   test('an edited applied statement is refused, naming the file, and that run applies nothing, not even new files', async () => {
     const dir = migrations({ 'edit_1.sql': 'CREATE TABLE edit_t (n int);\nINSERT INTO edit_t VALUES (1);\n' })
     await migrate(sql, { dir })
