@@ -18,7 +18,7 @@ let sql: DsqlSql
 const connection = () => ({ host: local.host, hostaddr: local.hostaddr, port: local.port, sslrootcert: local.caFile, credentials: local.credentials })
 
 beforeAll(async () => {
-  local = await startLocalDsql()
+  local = await startLocalDsql({ roles: ['appuser'] })
   sql = dsql({ ...connection(), onnotice: () => undefined })
 }, 60_000)
 afterAll(async () => {
@@ -163,14 +163,62 @@ describe('applying', () => {
       'badindex_1.sql': "CREATE TABLE badindex_t (email text);\nINSERT INTO badindex_t VALUES ('a'), ('a');\nCREATE UNIQUE INDEX ASYNC badindex_key ON badindex_t (email);\nALTER TABLE badindex_t ADD CONSTRAINT badindex_key UNIQUE USING INDEX badindex_key;\n",
     })
     const err = await rejection(migrate(sql, { dir }))
-    // The stand-in may fail the statement itself or its job (as DSQL does): either names the place.
-    expect(['MIGRATE_FAILED', 'MIGRATE_JOB']).toContain(err.code)
-    expect(err).toMatchObject({ file: 'badindex_1.sql', statement: 3, line: 3 })
+    // The statement returns its job at once (as on DSQL); the job fails on the duplicate keys.
+    expect(err).toMatchObject({ code: 'MIGRATE_JOB', file: 'badindex_1.sql', statement: 3, line: 3 })
+    expect(err.message).toMatch(/^badindex_1\.sql:3: statement 3: job \w+ failed: could not create unique index "badindex_key".*Key \(email\)=\(a\) is duplicated\./)
+    expect(err.message).toContain('Fix the cause, drop what the job may have left (DROP INDEX IF EXISTS badindex_key), and run migrate again: it resumes at this statement.')
     expect(await ledger('badindex_')).toEqual([
       { file: 'badindex_1.sql', statement: 1, state: 'applied' },
       { file: 'badindex_1.sql', statement: 2, state: 'applied' },
     ])
     expect(await sql`select 1 from pg_constraint where conname = 'badindex_key'`).toEqual([])
+
+    // Doing what the message says resumes at the index: it is built, and the constraint uses it.
+    await sql`delete from badindex_t`
+    await sql.unsafe(err.message.match(/\((DROP INDEX [^)]+)\)/)?.[1] ?? 'missing')
+    await expect(migrate(sql, { dir })).resolves.toEqual({ applied: ['badindex_1.sql'] })
+    expect(await sql`select contype from pg_constraint where conname = 'badindex_key'`).toEqual([{ contype: 'u' }])
+  })
+
+  test('duplicates written while the index job runs fail the job; the half-built index it leaves is named for DROP INDEX IF EXISTS', async () => {
+    await sql`create table late_t (email text)`
+    await sql`insert into late_t values ('a'), ('b')`
+    const dir = migrations({ 'late_1.sql': 'CREATE UNIQUE INDEX ASYNC late_key ON late_t (email);\nSELECT 1;\n' })
+    local.holdJobs()
+    let running: Promise<unknown> | undefined
+    try {
+      running = migrate(sql, { dir }).catch((e: unknown) => e)
+      // The job is submitted and held: the index exists, is not ready, and does not enforce yet.
+      for (let i = 0; i < 1200; i++) {
+        const [job] = await sql`select status from sys.jobs where object_name = 'late_key' and status in ('submitted', 'processing')`
+        if (job) break
+        await new Promise((r) => setTimeout(r, 50))
+      }
+      await sql`insert into late_t values ('a')`
+    } finally {
+      local.releaseJobs()
+    }
+    const err = (await running) as MigrationError
+    expect(err).toBeInstanceOf(MigrationError)
+    expect(err).toMatchObject({ code: 'MIGRATE_JOB', file: 'late_1.sql', statement: 1, line: 1 })
+    expect(err.message).toMatch(/job \w+ failed: .*could not create unique index "late_key"/)
+    expect(await sql`select count(*)::int as n from pg_class where relname = 'late_key'`).toEqual([{ n: 1 }])
+    expect(await ledger('late_')).toEqual([])
+
+    await sql`delete from late_t where email = 'a'`
+    await sql.unsafe(err.message.match(/\((DROP INDEX IF EXISTS [^)]+)\)/)?.[1] ?? 'missing')
+    await expect(migrate(sql, { dir })).resolves.toEqual({ applied: ['late_1.sql'] })
+    expect(await sql`select indisvalid from pg_index where indexrelid = 'late_key'::regclass`).toEqual([{ indisvalid: true }])
+  }, 120_000)
+
+  test('the same file checked out on Windows (CRLF line ends, a byte order mark) is the same migration', async () => {
+    const text = "-- accounts\nCREATE TABLE crlf_t (\n  n int\n);\nINSERT INTO crlf_t VALUES (1);\n"
+    const dir = migrations({ 'crlf_1.sql': '\uFEFF' + text.replace(/\n/g, '\r\n') })
+    await expect(migrate(sql, { dir })).resolves.toEqual({ applied: ['crlf_1.sql'] })
+    expect(readMigrations(dir)[0].units.map((u) => u.line)).toEqual([2, 5])
+    migrations({ 'crlf_1.sql': text }, dir)
+    await expect(migrate(sql, { dir })).resolves.toEqual({ applied: [] })
+    expect(await sql`select n from crlf_t`).toEqual([{ n: 1 }])
   })
 
   test('an edited applied statement is refused, naming the file, and that run applies nothing, not even new files', async () => {
@@ -341,6 +389,38 @@ describe('options', () => {
     await expect(migrate(sql, { dir: join(tmpdir(), 'no-such-dir-for-migrate') })).rejects.toMatchObject({ code: 'MIGRATE_FILES', message: expect.stringContaining('No migrations directory at') })
     const unclosed = migrations({ 'unclosed_1.sql': 'SELECT 1;\nBEGIN;\nINSERT INTO x VALUES (1);\n' })
     await expect(plan(sql, { dir: unclosed })).rejects.toMatchObject({ code: 'MIGRATE_FILES', message: 'unclosed_1.sql:2: BEGIN without COMMIT: end the block with COMMIT.' })
+  })
+
+  test('a role that may not create the ledger schema is told to name one it may use', async () => {
+    const app = dsql({ ...connection(), user: 'appuser', onnotice: () => undefined })
+    try {
+      const dir = migrations({ 'role_1.sql': 'CREATE TABLE role_t (n int);\n' })
+      const err = await rejection(migrate(app, { dir, ledgerSchema: 'role_ledger' }))
+      expect(err.code).toBe('MIGRATE_LEDGER')
+      expect(err.message).toMatch(/^Could not create the ledger schema "role_ledger": permission denied for database postgres \(SQLSTATE 42501\)\. /)
+      expect(err.message).toContain('Run migrate as admin, or pass a schema this role may create tables in: ledgerSchema / --ledger-schema (e.g. myschema).')
+      expect(err.cause).toMatchObject({ code: '42501' })
+      // The way out it names works.
+      await expect(migrate(app, { dir, ledgerSchema: 'myschema' })).resolves.toEqual({ applied: ['role_1.sql'] })
+      expect(await app`select count(*)::int as n from myschema.ledger`).toEqual([{ n: 1 }])
+    } finally {
+      await app.end()
+    }
+  })
+
+  test('a pool of one connection is refused before anything runs: the claim heartbeat would wait forever behind the reserved connection', async () => {
+    const single = dsql({ ...connection(), max: 1, onnotice: () => undefined })
+    try {
+      const dir = migrations({ 'single_1.sql': 'CREATE TABLE single_t (n int);\n' })
+      const err = await migrate(single, { dir }).catch((e: unknown) => e)
+      expect(err).toBeInstanceOf(DsqlConfigError)
+      expect((err as Error).message).toBe(
+        'migrate needs a pool of at least 2 connections (max: 1 was given): one runs the statements, the other keeps their claims alive. Pass max: 2 or more.',
+      )
+      expect(await sql`select 1 from pg_tables where tablename = 'single_t'`).toEqual([])
+    } finally {
+      await single.end()
+    }
   })
 })
 

@@ -7,7 +7,7 @@ import { execFile } from 'node:child_process'
 import { chmodSync, cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
-import { DsqlConfigError } from '../lib'
+import { dsql, DsqlConfigError } from '../lib'
 import { loadTestOptions, startTestDsql } from '../lib/testing'
 
 const root = resolve(__dirname, '..')
@@ -211,13 +211,30 @@ describe('options', () => {
 
   test.each([
     [{ role: ['x'] }, /unknown option `role`; known: roles, /],
-    [{ migrations: 'migrations' }, /`migrations` is not supported yet; apply a SQL file with `setupSql`/],
+    [{ migrations: 7 }, /`migrations` must be the path of a directory of \*\.sql files, got 7/],
     [{ setupSql: 3 }, /`setupSql` must be the path of a SQL file, got 3/],
     [['roles'], /expected an object of options/],
   ])('%j is refused clearly', (options, message) => {
     writeFileSync(join(dir, 'postgres-dsql.config.json'), JSON.stringify(options))
     expect(() => loadTestOptions(dir)).toThrow(DsqlConfigError)
     expect(() => loadTestOptions(dir)).toThrow(message)
+  })
+
+  test.each([
+    ['postgres-dsql.config.json', '{ "roles": ["x"], }'],
+    ['postgres-dsql.config.cjs', 'module.exports = { roles: [x] }'],
+    ['postgres-dsql.config.cjs', 'module.exports = { roles: ['],
+    ['package.json', '{ "name": "app", "postgres-dsql": { } '],
+  ])('a %s that does not load is a config error naming the file', (name, text) => {
+    writeFileSync(join(dir, name), text)
+    let thrown: unknown
+    try {
+      loadTestOptions(dir)
+    } catch (err) {
+      thrown = err
+    }
+    expect(thrown).toBeInstanceOf(DsqlConfigError)
+    expect((thrown as Error).message).toContain(`${join(dir, name)}: could not be loaded (`)
   })
 
   test('an ES module config file is refused with what to do', () => {
@@ -233,6 +250,57 @@ describe('options', () => {
     if (thrown) expect(String(thrown)).toMatch(/name it postgres-dsql\.config\.cjs/)
     else expect(loadTestOptions(dir)).toEqual({ roles: ['x'] })
   })
+
+  test("a developer's AWS identity variables are removed for the tests and restored after", async () => {
+    const mine = { AWS_PROFILE: 'developer', AWS_DEFAULT_PROFILE: 'developer', AWS_SESSION_TOKEN: 'mine', AWS_SECURITY_TOKEN: 'mine', AWS_CREDENTIAL_EXPIRATION: '2000-01-01T00:00:00Z' }
+    const saved = Object.fromEntries(Object.keys(mine).map((k) => [k, process.env[k]]))
+    Object.assign(process.env, mine)
+    try {
+      const { stop } = await startTestDsql(dir)
+      try {
+        expect(Object.keys(mine).filter((k) => process.env[k] !== undefined)).toEqual([])
+        const sql = dsql({ max: 1 })
+        try {
+          expect(await sql`select 1 as one`).toEqual([{ one: 1 }])
+        } finally {
+          await sql.end()
+        }
+      } finally {
+        await stop()
+      }
+      expect(Object.fromEntries(Object.keys(mine).map((k) => [k, process.env[k]]))).toEqual(mine)
+    } finally {
+      for (const [k, v] of Object.entries(saved)) {
+        if (v === undefined) delete process.env[k]
+        else process.env[k] = v
+      }
+    }
+  }, 120_000)
+
+  test('migrations are applied with postgres-dsql/migrate after setupSql; a failing one names file and line and stops the stand-in', async () => {
+    mkdirSync(join(dir, 'db'))
+    writeFileSync(join(dir, 'schema.sql'), 'create table base (id int primary key);\n')
+    writeFileSync(join(dir, 'db', '001_orders.sql'), 'CREATE TABLE orders (id int PRIMARY KEY, base int);\nCREATE INDEX ASYNC orders_by_base ON orders (base);\nINSERT INTO orders VALUES (1, 1), (2, 1);\n')
+    writeFileSync(join(dir, 'postgres-dsql.config.json'), JSON.stringify({ setupSql: 'schema.sql', migrations: 'db' }))
+    const before = process.env.PGSSLROOTCERT
+    const { stop } = await startTestDsql(dir)
+    try {
+      const sql = dsql({ max: 1 })
+      try {
+        expect(await sql`select count(*)::int as n from orders`).toEqual([{ n: 2 }])
+        expect(await sql`select count(*)::int as n from base`).toEqual([{ n: 0 }])
+      } finally {
+        await sql.end()
+      }
+    } finally {
+      await stop()
+    }
+    expect(process.env.PGSSLROOTCERT).toBe(before)
+
+    writeFileSync(join(dir, 'db', '002_bad.sql'), 'INSERT INTO orders VALUES (3, 1);\nINSERT INTO missing VALUES (1);\n')
+    await expect(startTestDsql(dir)).rejects.toThrow(/^migrations: 002_bad\.sql:2: statement 2 failed: relation "missing" does not exist/)
+    expect(process.env.PGSSLROOTCERT).toBe(before)
+  }, 120_000)
 
   test('a failing setupSql statement names the file and line, stops the stand-in and leaves the environment alone', async () => {
     writeFileSync(join(dir, 'schema.sql'), `create table ok (id int primary key);\n\ncreate table bad (id serial primary key);\n`)

@@ -9,6 +9,7 @@ import dsql from './index'
 import { DsqlConfigError } from './errors'
 import { startLocalDsql, type LocalDsqlDialectOptions, type LocalDsqlOptions } from './local'
 import { splitStatements } from './local/lexer'
+import { migrate, MigrationError } from './migrate'
 
 /** Options of `preset: 'postgres-dsql'` and `globalSetup: 'postgres-dsql/vitest'`. */
 export interface DsqlTestOptions {
@@ -25,6 +26,8 @@ export interface DsqlTestOptions {
   lockTimeoutMs?: number
   /** A SQL file applied as admin before the tests, one statement at a time (DSQL: one DDL per transaction). */
   setupSql?: string
+  /** A directory of migrations applied as admin with `postgres-dsql/migrate`, after `setupSql`. */
+  migrations?: string
 }
 
 /** The running stand-in, as test files see it (vitest: `inject('postgresDsql')`). */
@@ -41,9 +44,12 @@ export interface DsqlTestTarget {
 }
 
 export const CONFIG_FILES = ['postgres-dsql.config.js', 'postgres-dsql.config.cjs', 'postgres-dsql.config.json']
-const KEYS = new Set(['roles', 'dialect', 'region', 'clusterId', 'maxConnections', 'maxConnectionDurationSecs', 'connectionRate', 'latencyMs', 'lockTimeoutMs', 'setupSql'])
-/** A developer's own AWS setup must not decide which keys the tests sign with. */
-const CLEARED = ['AWS_PROFILE', 'AWS_SESSION_TOKEN', 'AWS_DEFAULT_PROFILE']
+const KEYS = new Set(['roles', 'dialect', 'region', 'clusterId', 'maxConnections', 'maxConnectionDurationSecs', 'connectionRate', 'latencyMs', 'lockTimeoutMs', 'setupSql', 'migrations'])
+/**
+ * A developer's own AWS setup must not decide which keys the tests sign with: the variables that
+ * pick another identity or pair with other keys (the same list `npx postgres-dsql local` unsets).
+ */
+const CLEARED = ['AWS_PROFILE', 'AWS_DEFAULT_PROFILE', 'AWS_SESSION_TOKEN', 'AWS_SECURITY_TOKEN', 'AWS_CREDENTIAL_EXPIRATION']
 
 /** The options in `dir`: a `postgres-dsql.config.{js,cjs,json}` file, else package.json's `"postgres-dsql"` key, else none. */
 export function loadTestOptions(dir: string): DsqlTestOptions {
@@ -51,31 +57,33 @@ export function loadTestOptions(dir: string): DsqlTestOptions {
   if (file) return checkOptions(loadFile(file), file)
   const pkg = join(dir, 'package.json')
   if (!existsSync(pkg)) return {}
-  const own = (JSON.parse(readFileSync(pkg, 'utf8')) as Record<string, unknown>)['postgres-dsql']
+  const own = (loadFile(pkg) as Record<string, unknown> | null)?.['postgres-dsql']
   return own === undefined ? {} : checkOptions(own, `${pkg} ("postgres-dsql")`)
 }
 
+/** A file that does not parse or throws is named in the error: jest alone would show a bare SyntaxError. */
 function loadFile(file: string): unknown {
-  if (file.endsWith('.json')) return JSON.parse(readFileSync(file, 'utf8'))
   try {
+    if (file.endsWith('.json')) return JSON.parse(readFileSync(file, 'utf8'))
     const loaded = require(file) as { default?: unknown }
     return loaded && typeof loaded === 'object' && 'default' in loaded ? loaded.default : loaded
   } catch (err) {
     if ((err as { code?: string }).code === 'ERR_REQUIRE_ESM')
       throw new DsqlConfigError(`${file} is an ES module: name it postgres-dsql.config.cjs (module.exports = {...}) or use postgres-dsql.config.json.`)
-    throw err
+    throw new DsqlConfigError(`${file}: could not be loaded (${err instanceof Error ? `${err.name}: ${err.message}` : String(err)}). Fix it or remove it.`)
   }
 }
 
 function checkOptions(value: unknown, where: string): DsqlTestOptions {
   if (!value || typeof value !== 'object' || Array.isArray(value)) throw new DsqlConfigError(`${where}: expected an object of options, got ${JSON.stringify(value)}.`)
   for (const key of Object.keys(value)) {
-    if (key === 'migrations') throw new DsqlConfigError(`${where}: \`migrations\` is not supported yet; apply a SQL file with \`setupSql\`.`)
     if (!KEYS.has(key)) throw new DsqlConfigError(`${where}: unknown option \`${key}\`; known: ${[...KEYS].join(', ')}.`)
   }
   const options = value as DsqlTestOptions
   if (options.setupSql !== undefined && (typeof options.setupSql !== 'string' || !options.setupSql))
     throw new DsqlConfigError(`${where}: \`setupSql\` must be the path of a SQL file, got ${JSON.stringify(options.setupSql)}.`)
+  if (options.migrations !== undefined && (typeof options.migrations !== 'string' || !options.migrations))
+    throw new DsqlConfigError(`${where}: \`migrations\` must be the path of a directory of *.sql files, got ${JSON.stringify(options.migrations)}.`)
   return options
 }
 
@@ -84,7 +92,7 @@ function checkOptions(value: unknown, where: string): DsqlTestOptions {
  * sets the environment; the returned `stop` stops it and restores the environment.
  */
 export async function startTestDsql(dir: string): Promise<{ target: DsqlTestTarget; stop: () => Promise<void> }> {
-  const { setupSql, ...options } = loadTestOptions(dir)
+  const { setupSql, migrations, ...options } = loadTestOptions(dir)
   const local = await startLocalDsql(options satisfies LocalDsqlOptions)
   const saved = Object.fromEntries([...Object.keys(local.env), ...CLEARED].map((name) => [name, process.env[name]]))
   const stop = async () => {
@@ -95,7 +103,8 @@ export async function startTestDsql(dir: string): Promise<{ target: DsqlTestTarg
     await local.stop()
   }
   try {
-    await prepareDatabase(local, { setupSql: setupSql && (isAbsolute(setupSql) ? setupSql : resolve(dir, setupSql)) })
+    const path = (p: string | undefined) => p && (isAbsolute(p) ? p : resolve(dir, p))
+    await prepareDatabase(local, { setupSql: path(setupSql), migrations: path(migrations) })
   } catch (err) {
     await local.stop()
     throw err
@@ -109,26 +118,40 @@ export async function startTestDsql(dir: string): Promise<{ target: DsqlTestTarg
 
 type Local = Awaited<ReturnType<typeof startLocalDsql>>
 
-/**
- * Brings the new database to what the tests expect. Hook point: a migrations directory (applied
- * by `postgres-dsql/migrate`) belongs here, after the SQL file.
- */
-async function prepareDatabase(local: Local, { setupSql }: { setupSql?: string }): Promise<void> {
-  if (!setupSql) return
+/** Brings the new database to what the tests expect: the SQL file, then the migrations. */
+async function prepareDatabase(local: Local, { setupSql, migrations }: { setupSql?: string; migrations?: string }): Promise<void> {
+  if (!setupSql && !migrations) return
+  // migrate needs two connections: one runs the statements, the other keeps their claims alive.
+  const sql = dsql({ host: local.host, hostaddr: local.hostaddr, port: local.port, sslrootcert: local.caFile, credentials: local.credentials, max: 2, onnotice: () => undefined })
+  try {
+    if (setupSql) await applySqlFile(sql, setupSql)
+    if (migrations) {
+      try {
+        await migrate(sql, { dir: migrations })
+      } catch (err) {
+        throw err instanceof MigrationError ? new MigrationError(err.code, `migrations: ${err.message}`, { ...err, cause: err.cause }) : err
+      }
+    }
+  } finally {
+    await sql.end()
+  }
+}
+
+async function applySqlFile(sql: ReturnType<typeof dsql>, setupSql: string): Promise<void> {
   if (!existsSync(setupSql)) throw new DsqlConfigError(`setupSql: no file ${setupSql}.`)
   const text = readFileSync(setupSql, 'utf8')
-  const sql = dsql({ host: local.host, hostaddr: local.hostaddr, port: local.port, sslrootcert: local.caFile, credentials: local.credentials, max: 1 })
+  // One session for the whole file: a SET in it lasts for the statements after it.
+  const conn = await sql.reserve()
   try {
-    const statements = splitStatements(text)
-    for (const [i, { start, end }] of statements.entries()) {
+    for (const [i, { start, end }] of splitStatements(text).entries()) {
       try {
-        await sql.unsafe(text.slice(start, end))
+        await conn.unsafe(text.slice(start, end))
       } catch (err) {
         const line = text.slice(0, start).split('\n').length
         throw new DsqlConfigError(`setupSql: statement ${i + 1} of ${setupSql} (line ${line}) failed: ${err instanceof Error ? err.message : String(err)}`)
       }
     }
   } finally {
-    await sql.end()
+    conn.release()
   }
 }

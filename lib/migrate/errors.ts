@@ -29,6 +29,8 @@ export type MigrationErrorCode =
   | 'MIGRATE_JOB_TIMEOUT'
   /** Another runner claimed a statement and stopped reporting before recording its outcome. */
   | 'MIGRATE_STALE_CLAIM'
+  /** The ledger's schema or table could not be created (e.g. the role may not create schemas). */
+  | 'MIGRATE_LEDGER'
   /** `--check` needs libpg-query. */
   | 'MIGRATE_NO_PARSER'
 

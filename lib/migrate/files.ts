@@ -41,7 +41,16 @@ export function readMigrations(dir: string): MigrationFile[] {
   const names = readdirSync(path)
     .filter((name) => name.endsWith('.sql') && !name.startsWith('.'))
     .sort()
-  return names.map((name) => ({ name, units: units(name, splitSql(readFileSync(join(path, name), 'utf8'))) }))
+  return names.map((name) => ({ name, units: units(name, splitSql(normalized(readFileSync(join(path, name), 'utf8')))) }))
+}
+
+/**
+ * The file as a Linux checkout has it: a Windows checkout (CRLF line ends, an editor's byte order
+ * mark) must apply the same statements with the same checksums, or a deploy from one would
+ * refuse what a deploy from the other applied.
+ */
+function normalized(text: string): string {
+  return text.replace(/^\uFEFF/, '').replace(/\r\n/g, '\n')
 }
 
 /** The statements of a SQL script, as psql would send them. */

@@ -58,6 +58,13 @@ export async function migrate(sql: MigrateSql, options: MigrateOptions = {}): Pr
   const settings = resolve(options)
   const files = readMigrations(settings.dir)
   const pool = sql as postgres.Sql
+  // The heartbeat runs on a second connection while the reserved one runs a statement: with a
+  // single connection it would queue behind it, and the run would never end.
+  const max = Number(pool.options?.max)
+  if (max < 2)
+    throw new DsqlConfigError(
+      `migrate needs a pool of at least 2 connections (max: ${max} was given): one runs the statements, the other keeps their claims alive. Pass max: 2 or more.`,
+    )
   const conn = await pool.reserve()
   try {
     const ledger = new Ledger(conn, pool, settings.ledgerSchema, randomUUID())

@@ -8,6 +8,7 @@
  */
 import type postgres from 'postgres'
 import { isOccError } from '../retry'
+import { MigrationError } from './errors'
 
 export interface LedgerRow {
   file: string
@@ -44,7 +45,7 @@ export class Ledger {
   async ensure(): Promise<void> {
     if (await this.exists()) return
     const schemaExists = async () => (await this.conn.unsafe('SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = $1', [this.schema])).length > 0
-    await createOnce(schemaExists, () => this.conn.unsafe(`CREATE SCHEMA ${ident(this.schema)}`))
+    await createOnce(schemaExists, () => this.conn.unsafe(`CREATE SCHEMA ${ident(this.schema)}`), `the ledger schema ${ident(this.schema)}`)
     await createOnce(
       () => this.exists(),
       () =>
@@ -59,6 +60,7 @@ export class Ledger {
   applied_at timestamptz,
   PRIMARY KEY (file, statement)
 )`),
+      `the ledger table ${this.table}`,
     )
   }
 
@@ -118,18 +120,32 @@ export class Ledger {
   }
 }
 
-async function createOnce(exists: () => Promise<boolean>, create: () => Promise<unknown>): Promise<void> {
+async function createOnce(exists: () => Promise<boolean>, create: () => Promise<unknown>, what: string): Promise<void> {
   for (let attempt = 1; ; attempt++) {
     if (await exists()) return
     try {
       await create()
       return
     } catch (err) {
-      // Another runner is creating it (duplicate object, unique violation or a conflict): look again once it has committed.
-      if (attempt >= 8) throw err
+      // Another runner is creating it (duplicate object, unique violation or a conflict): look
+      // again once it has committed. Anything else (no permission) will not change by waiting.
+      if (attempt >= 8 || !RACE.has((err as { code?: string }).code ?? '')) throw ledgerError(err, what)
       await new Promise((resolve) => setTimeout(resolve, 25 * 2 ** attempt))
     }
   }
+}
+
+/** What a concurrent runner's CREATE makes ours fail with: duplicate schema, table or type, unique violation, OCC. */
+const RACE = new Set(['42P06', '42P07', '42710', '23505', '40001'])
+
+function ledgerError(err: unknown, what: string): MigrationError {
+  const e = err as { message?: string; code?: string }
+  return new MigrationError(
+    'MIGRATE_LEDGER',
+    `Could not create ${what}: ${e.message ?? String(err)}${e.code ? ` (SQLSTATE ${e.code})` : ''}. ` +
+      'Run migrate as admin, or pass a schema this role may create tables in: ledgerSchema / --ledger-schema (e.g. myschema).',
+    { cause: err },
+  )
 }
 
 async function occRetry<T>(run: () => Promise<T>, attempts = 5): Promise<T> {
