@@ -291,12 +291,16 @@ describe('credentials sources', () => {
       AWS_ACCESS_KEY_ID: 'AKIAENVIRONMENTKEY00', AWS_SECRET_ACCESS_KEY: 'environmentSecretThatTheStandInDoesNotKnow00',
     })
     try {
-      const options = connectOptions({ profile: 'work' })
+      // The SDK warns about two credential sources set at once: to the logger, when there is one.
+      const warned: string[] = []
+      const options = connectOptions({ profile: 'work', logger: { warn: (m) => void warned.push(m) } })
       delete options.credentials
       const sql = dsql(options)
       const [row] = await sql`select current_user`
       expect(row.current_user).toBe('admin')
       await sql.end()
+      expect(warned.some((w) => /AWS SDK: [\s\S]*Multiple credential sources/.test(w))).toBe(true)
+      for (const w of warned) expect(w).not.toContain('environmentSecretThatTheStandInDoesNotKnow00')
       const withoutProfile = connectOptions()
       delete withoutProfile.credentials
       const other = dsql(withoutProfile)

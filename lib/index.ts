@@ -46,7 +46,7 @@ export function dsql<T extends Types = {}>(first?: string | DsqlOptions<T>, seco
   const given = typeof first === 'string' ? mergeUrl(first, second ?? {}) : (first ?? {})
   const options = definedOnly(given) as DsqlOptions<T>
   const config = resolveConfig(options as DsqlOptions)
-  const credentials = credentialProvider(credentialsOption(options as DsqlOptions), options.profile ?? process.env.AWS_PROFILE)
+  const credentials = credentialProvider(credentialsOption(options as DsqlOptions), options.profile ?? process.env.AWS_PROFILE, process.env, options.logger)
   let ending = false
   // One minter per endpoint: each Region's token is signed for its own host and Region.
   const mints = new Map(config.endpoints.map((e) => [e, tokenMinter(e, credentials)]))

@@ -1,5 +1,5 @@
 import type { AwsCredentialIdentity, AwsCredentialIdentityProvider } from '@smithy/types'
-import type { Credentials, DsqlConfig } from './config'
+import type { Credentials, DsqlConfig, DsqlLogger } from './config'
 import { DsqlCredentialsError } from './errors'
 import { presignDsqlToken } from './presign'
 
@@ -13,11 +13,12 @@ export function credentialProvider(
   given: Credentials | undefined,
   profile: string | undefined,
   env: NodeJS.ProcessEnv = process.env,
+  logger?: DsqlLogger,
 ): AwsCredentialIdentityProvider {
   if (given === undefined) {
     // The chain's first source when no profile is named (as in Lambda): no SDK to load.
     if (!profile && env.AWS_ACCESS_KEY_ID && env.AWS_SECRET_ACCESS_KEY) return envProvider(env)
-    return lazyDefaultChain(profile)
+    return lazyDefaultChain(profile, logger)
   }
   if (typeof given !== 'function') {
     const identity = given
@@ -48,15 +49,21 @@ function envProvider(env: NodeJS.ProcessEnv): AwsCredentialIdentityProvider {
 }
 
 /** The SDK's Node chain, loaded on first use: a Lambda with environment keys never pays for it. */
-function lazyDefaultChain(profile: string | undefined): AwsCredentialIdentityProvider {
+function lazyDefaultChain(profile: string | undefined, logger: DsqlLogger | undefined): AwsCredentialIdentityProvider {
   let chain: AwsCredentialIdentityProvider | undefined
   return (params) => {
     if (!chain) {
       const { defaultProvider } = require('@aws-sdk/credential-provider-node') as typeof import('@aws-sdk/credential-provider-node')
-      chain = defaultProvider(profile ? { profile } : {})
+      chain = defaultProvider({ ...(profile ? { profile } : {}), ...(logger ? { logger: sdkLogger(logger) } : {}) })
     }
     return chain(params)
   }
+}
+
+/** The SDK's own warnings (e.g. several credential sources set at once) go to the user's logger, redacted. */
+function sdkLogger(logger: DsqlLogger) {
+  const say = (level: 'warn' | 'error') => (...parts: unknown[]) => logger[level]?.(`dsql: AWS SDK: ${describe(parts.map(String).join(' '))}`)
+  return { debug: () => undefined, info: () => undefined, warn: say('warn'), error: say('error') }
 }
 
 /** Returns a function that mints a fresh token for the configured host and action. */
