@@ -205,7 +205,7 @@ describe('dsql() over a multi-Region cluster', () => {
   })
 
   test('failover under load: concurrent transactions with retry, one Region stopped mid-way: successes equal rows, no duplicates', async () => {
-    const sql = dsql(options({ max: 4, retry: { maxRetries: 30, deadlineMs: 30_000 } }))
+    const sql = dsql(options({ max: 4, connect_timeout: 30, retry: { maxRetries: 30, deadlineMs: 60_000 } }))
     try {
       await sql`create table if not exists mr_load (op int not null)`
       await sql`delete from mr_load`

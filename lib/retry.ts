@@ -43,8 +43,11 @@ export class DsqlCommitUnknownError extends DsqlError {
   }
 }
 
-/** postgres.js's codes for a connection that went away under a query (not sql.end()). */
-const LOST = new Set(['CONNECTION_CLOSED', 'CONNECTION_DESTROYED', 'ECONNRESET', 'EPIPE', 'ETIMEDOUT'])
+/**
+ * postgres.js's codes for a connection that went away under a query (not sql.end()), and for one
+ * that could not be opened (then nothing of the transaction ran).
+ */
+const LOST = new Set(['CONNECTION_CLOSED', 'CONNECTION_DESTROYED', 'ECONNRESET', 'EPIPE', 'ETIMEDOUT', 'CONNECT_TIMEOUT', 'ECONNREFUSED'])
 
 /** True when `err` says the connection died under the transaction, not that the server refused something. */
 export function isConnectionLost(err: unknown): boolean {
