@@ -397,6 +397,37 @@ describe('choosing and loading the WebSocket', () => {
   })
 })
 
+describe("the runtime's own WebSocket (Node's, with --experimental-websocket: what Node 22, browsers and Workers have)", () => {
+  // A child process: this one has no global WebSocket. The endpoint's name resolves to the
+  // stand-in (as DNS would), and the runtime trusts its CA only when NODE_EXTRA_CA_CERTS says so.
+  const run = async (trustCa: boolean) => {
+    const t = target()
+    // The cause is hidden, so the failure is retryable: connect_timeout bounds the retries.
+    const script = `const { dsql } = require('./lib')
+      const sql = dsql({ host: ${JSON.stringify(t.host)}, port: ${t.port}, credentials: ${JSON.stringify(t.credentials)}, transport: 'websocket', connect_timeout: 3 })
+      const ws = () => Object.keys(require.cache).some((k) => k.includes('node_modules/ws/'))
+      sql\`select current_user as who, 1 + 1 as two\`.then(
+        async ([row]) => { await sql.end(); console.log(JSON.stringify({ ...row, ws: ws() })) },
+        async (e) => { await sql.end(); console.log(JSON.stringify({ name: e.name, code: e.code, message: e.message, ws: ws() })) })`
+    const { stdout } = await promisify(execFile)(
+      process.execPath,
+      ['--experimental-websocket', '-r', './__tests__/helpers/resolve-endpoint.js', '-r', './__tests__/helpers/register-ts.js', '-e', script],
+      { cwd: `${__dirname}/..`, encoding: 'utf8', env: { ...process.env, DSQL_TEST_RESOLVE: t.host, NODE_EXTRA_CA_CERTS: trustCa ? t.caFile : '' } },
+    )
+    return JSON.parse(stdout) as Record<string, unknown>
+  }
+
+  test('connects through it, without loading ws', async () => {
+    expect(await run(true)).toEqual({ who: 'admin', two: 2, ws: false })
+  })
+
+  test('a certificate the runtime does not trust: a typed error that says what to check (the runtime hides the cause)', async () => {
+    const result = await run(false)
+    expect(result).toMatchObject({ name: 'DsqlConnectionError', ws: false })
+    expect(result.message).toMatch(/failed to open, and the runtime's WebSocket does not say why: .*trusts the endpoint's certificate/)
+  })
+})
+
 describe('samples/websocket.ts', () => {
   test.each(['admin', 'appuser'])('runs as %s', async (user) => {
     const logs: string[] = []

@@ -124,7 +124,7 @@ export function openWebSocket(config: DsqlConfig, impl: WebSocketImpl, deadline:
       resolve(stream)
     })
     socket.addEventListener('error', (event) => {
-      if (!opened) fail(openError(event.error, config))
+      if (!opened) fail(openError(event.error, config, impl.node))
     })
     socket.addEventListener('close', (event) => {
       if (!opened) fail(new DsqlConnectionError(`The WebSocket to ${where(config)} closed before it opened (code ${event.code ?? 'none'}).`, { retryable: true }))
@@ -133,10 +133,15 @@ export function openWebSocket(config: DsqlConfig, impl: WebSocketImpl, deadline:
 }
 
 /** Why a WebSocket did not open, as a typed error. */
-function openError(error: unknown, config: DsqlConfig): Error {
+function openError(error: unknown, config: DsqlConfig, node: boolean): Error {
+  // A runtime's own WebSocket (browsers, undici) hides the cause by design, so say what it may be.
   // Not `instanceof Error`: errors from another realm (vm, test runners) are errors too.
-  if (!isError(error))
-    return new DsqlConnectionError(`The WebSocket to ${where(config)} failed to open (the runtime gives no reason): check host, port and the network path.`, { retryable: true })
+  if (!node || !isError(error))
+    return new DsqlConnectionError(
+      `The WebSocket to ${where(config)} failed to open, and the runtime's WebSocket does not say why: ` +
+        'check host and port, the network path, and that the runtime trusts the endpoint\'s certificate.',
+      { retryable: true, cause: isError(error) ? error : undefined },
+    )
   if (error instanceof DsqlError) return error
   // Network and certificate errors: typed as on the TCP transport.
   if (error.code) return socketError(error, config)
