@@ -9,6 +9,8 @@ const config: Config = {
   waitForUnhandledRejections: true,
   roots: ['<rootDir>/__tests__'],
   testMatch: ['**/*.test.ts'],
+  // postgres-dsql/jest/setup and teardown (lib/jest, options in package.json's "postgres-dsql"
+  // key), with this repository's own checks around them.
   globalSetup: '<rootDir>/__tests__/setup/global-setup.ts',
   globalTeardown: '<rootDir>/__tests__/setup/global-teardown.ts',
   // Generous: a bound against hangs, not a speed test (2 shared cores can be very busy).

@@ -6,6 +6,9 @@ import { inspect } from 'node:util'
 import dsql, { DsqlConfigError, DsqlConnectionError } from '../lib'
 import { mergeUrl, resolveConfig, type DsqlOptions } from '../lib/config'
 
+// This file checks defaults: without the stand-in's PG* variables that jest's global setup gives every test file.
+for (const name of ['PGHOST', 'PGHOSTADDR', 'PGPORT', 'PGSSLROOTCERT']) delete process.env[name]
+
 const ID = 'abcdefghijklmnopqrstuvwxyz'
 const HOST = `${ID}.dsql.us-east-1.on.aws`
 const resolve = (o: DsqlOptions, env: NodeJS.ProcessEnv = {}) => resolveConfig(o, { AWS_CONFIG_FILE: '/nonexistent', ...env })

@@ -59,7 +59,17 @@ describe('environment credentials', () => {
 
   test('a named profile takes the SDK chain, as the SDK does (the profile wins over environment keys)', async () => {
     const vars = env({ AWS_CONFIG_FILE: '/nonexistent', AWS_SHARED_CREDENTIALS_FILE: '/nonexistent' })
-    await expect(credentialProvider(undefined, 'no-such-profile', vars)()).rejects.toThrow()
+    // The SDK also reads process.env: without the stand-in's keys there (jest's global setup exports
+    // them), it has no second source to warn about on the console.
+    const saved = process.env
+    process.env = { ...saved }
+    delete process.env.AWS_ACCESS_KEY_ID
+    delete process.env.AWS_SECRET_ACCESS_KEY
+    try {
+      await expect(credentialProvider(undefined, 'no-such-profile', vars)()).rejects.toThrow()
+    } finally {
+      process.env = saved
+    }
   })
 
   test('a dsql() with only environment keys connects, signing without loading the AWS SDK', async () => {

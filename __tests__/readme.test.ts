@@ -46,16 +46,9 @@ function script(code: string): string {
 }
 
 function run(file: string): Promise<{ code: number; output: string }> {
-  const t = target()
-  const env: NodeJS.ProcessEnv = {
-    ...process.env,
-    CLUSTER_ENDPOINT: t.host, PGHOSTADDR: t.hostaddr, PGPORT: String(t.port), PGSSLROOTCERT: t.caFile,
-    AWS_ACCESS_KEY_ID: t.credentials.accessKeyId, AWS_SECRET_ACCESS_KEY: t.credentials.secretAccessKey, AWS_REGION: t.region,
-    // Blocks import the ORMs (dev dependencies) from a temporary directory.
-    NODE_PATH: join(root, 'node_modules'),
-  }
-  delete env.AWS_PROFILE
-  delete env.AWS_SESSION_TOKEN
+  // Blocks reach the stand-in through the environment jest's global setup (postgres-dsql's own)
+  // exported, and import the ORMs (dev dependencies) from a temporary directory.
+  const env: NodeJS.ProcessEnv = { ...process.env, NODE_PATH: join(root, 'node_modules') }
   return new Promise((done) => {
     execFile(process.execPath, ['-r', 'ts-node/register/transpile-only', file], { env, cwd: root, timeout: 60_000 }, (err, stdout, stderr) =>
       done({ code: err ? ((err as { code?: number }).code ?? 1) : 0, output: stdout + stderr }),

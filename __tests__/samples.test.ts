@@ -3,7 +3,7 @@ import { execFile } from 'node:child_process'
 import { join } from 'node:path'
 import { example } from '../samples/example'
 import { pool } from '../samples/pool'
-import { connectOptions, target } from './helpers/target'
+import { connectOptions } from './helpers/target'
 
 let logs: string[] = []
 beforeEach(() => {
@@ -28,14 +28,8 @@ test.each(['admin', 'appuser'])('samples/pool.ts as %s', async (user) => {
 })
 
 test.each(['example', 'pool'])('samples/%s.ts run as a script ends its sql and exits by itself', async (name) => {
-  const t = target()
-  const env: NodeJS.ProcessEnv = {
-    ...process.env,
-    CLUSTER_ENDPOINT: t.host, CLUSTER_USER: 'appuser', PGHOSTADDR: t.hostaddr, PGPORT: String(t.port), PGSSLROOTCERT: t.caFile,
-    AWS_ACCESS_KEY_ID: t.credentials.accessKeyId, AWS_SECRET_ACCESS_KEY: t.credentials.secretAccessKey, AWS_REGION: t.region,
-  }
-  delete env.AWS_PROFILE
-  delete env.AWS_SESSION_TOKEN
+  // The environment jest's global setup (postgres-dsql's own) exported reaches the stand-in by itself.
+  const env: NodeJS.ProcessEnv = { ...process.env, CLUSTER_USER: 'appuser' }
   const script = [join(__dirname, 'helpers', 'register-ts.js'), join(__dirname, '..', 'samples', `${name}.ts`)]
   // A script that forgot sql.end() would still be running when the timeout kills it (no exit code).
   const result = await new Promise<{ code: number | string | null; stdout: string }>((done) =>

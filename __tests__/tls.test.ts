@@ -6,7 +6,10 @@
 import dsql, { DsqlTlsError, type DsqlOptions } from '../lib'
 import { target } from './helpers/target'
 
-/** Reaches the stand-in as a user without its CA would: no sslrootcert, no NODE_EXTRA_CA_CERTS. */
+// jest's global setup gives every test file the stand-in's CA in PGSSLROOTCERT: not this one.
+delete process.env.PGSSLROOTCERT
+
+/** Reaches the stand-in as a user without its CA would: no sslrootcert, PGSSLROOTCERT or NODE_EXTRA_CA_CERTS. */
 function untrusted(extra: DsqlOptions): DsqlOptions {
   const t = target()
   return { host: t.host, hostaddr: t.hostaddr, port: t.port, credentials: t.credentials, max: 1, connect_timeout: 10, ...extra }

@@ -68,7 +68,13 @@ const checks = (file: string) => `
   const plain = dsql()
   const [me] = await plain\`select current_user as "user", current_schema() as schema\`
   expect(me).toEqual({ user: 'admin', schema: 'public' })
+  // A role the test makes logs in once mapped to the IAM identity the setup exports, as on DSQL.
+  await plain.unsafe('create role ${file}_login with login')
+  await plain.unsafe("AWS IAM GRANT ${file}_login TO '" + process.env.POSTGRES_DSQL_IAM_ARN + "'")
   await plain.end()
+  const login = dsql({ host: process.env.CLUSTER_ENDPOINT, user: '${file}_login' })
+  expect((await login\`select current_user as u\`)[0].u).toBe('${file}_login')
+  await login.end()
   const app = dsql({ host: process.env.CLUSTER_ENDPOINT, user: 'appuser' })
   const rows = await app\`select name from myschema.seeded order by name\`
   expect(rows.map((r) => r.name)).toEqual(['a;b', 'c'])
@@ -163,6 +169,7 @@ test('reaches the stand-in', async () => {
   const target = inject('postgresDsql')
   expect(target.host).toBe(process.env.CLUSTER_ENDPOINT)
   expect(target.port).toBe(Number(process.env.PGPORT))
+  expect(target.iamArn).toBe(process.env.POSTGRES_DSQL_IAM_ARN)
   expect(Object.keys(target).sort()).toEqual(['caFile', 'credentials', 'env', 'host', 'hostaddr', 'iamArn', 'port', 'region'])
 ${checks(name)}})
 `,
@@ -283,8 +290,11 @@ describe('options', () => {
     writeFileSync(join(dir, 'db', '001_orders.sql'), 'CREATE TABLE orders (id int PRIMARY KEY, base int);\nCREATE INDEX ASYNC orders_by_base ON orders (base);\nINSERT INTO orders VALUES (1, 1), (2, 1);\n')
     writeFileSync(join(dir, 'postgres-dsql.config.json'), JSON.stringify({ setupSql: 'schema.sql', migrations: 'db' }))
     const before = process.env.PGSSLROOTCERT
-    const { stop } = await startTestDsql(dir)
+    const arnBefore = process.env.POSTGRES_DSQL_IAM_ARN
+    const { target, stop } = await startTestDsql(dir)
     try {
+      expect(process.env.POSTGRES_DSQL_IAM_ARN).toBe(target.iamArn)
+      expect(target.env).toMatchObject({ POSTGRES_DSQL_IAM_ARN: target.iamArn, PGSSLROOTCERT: target.caFile })
       const sql = dsql({ max: 1 })
       try {
         expect(await sql`select count(*)::int as n from orders`).toEqual([{ n: 2 }])
@@ -296,6 +306,7 @@ describe('options', () => {
       await stop()
     }
     expect(process.env.PGSSLROOTCERT).toBe(before)
+    expect(process.env.POSTGRES_DSQL_IAM_ARN).toBe(arnBefore)
 
     writeFileSync(join(dir, 'db', '002_bad.sql'), 'INSERT INTO orders VALUES (3, 1);\nINSERT INTO missing VALUES (1);\n')
     await expect(startTestDsql(dir)).rejects.toThrow(/^migrations: 002_bad\.sql:2: statement 2 failed: relation "missing" does not exist/)

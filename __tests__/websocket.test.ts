@@ -179,7 +179,11 @@ describe('failures over WebSocket', () => {
   })
 
   test('without the stand-in CA the WebSocket TLS does not verify: DsqlTlsError', async () => {
+    // Nor in PGSSLROOTCERT, which jest's global setup sets for every test file (dsql() reads it at once).
+    const { PGSSLROOTCERT, ...env } = process.env
+    process.env = env
     const sql = dsql({ ...connectOptions({ transport: 'websocket', connect_timeout: 5 }), sslrootcert: undefined })
+    process.env.PGSSLROOTCERT = PGSSLROOTCERT
     const err = await sql`select 1`.catch((e: unknown) => e)
     await sql.end()
     expect(err).toBeInstanceOf(DsqlTlsError)
@@ -376,7 +380,8 @@ describe('choosing and loading the WebSocket', () => {
   })
 
   test('the TCP path loads neither the WebSocket transport nor ws', async () => {
-    // A child process (not blocking this one: the stand-in may run in it) reports what it required.
+    // A child process (not blocking this one: the stand-in may run in it) reports what it required;
+    // it reaches the stand-in through the environment it inherits from jest's global setup.
     const probe = async (transport: string) =>
       (await promisify(execFile)(
         process.execPath,
@@ -384,8 +389,8 @@ describe('choosing and loading the WebSocket', () => {
           '-r',
           'ts-node/register/transpile-only',
           '-e',
-          `const { dsql } = require('./lib'); const t = JSON.parse(process.env.DSQL_TEST_TARGET);
-           const sql = dsql({ host: t.host, hostaddr: t.hostaddr, port: t.port, sslrootcert: t.caFile, credentials: t.credentials, transport: '${transport}' });
+          `const { dsql } = require('./lib');
+           const sql = dsql({ transport: '${transport}' });
            sql\`select 1 as one\`.then(async ([r]) => { await sql.end();
              const loaded = Object.keys(require.cache).filter((k) => /node_modules\\/ws\\/|connect\\/websocket/.test(k)).length;
              console.log(JSON.stringify({ one: r.one, loaded })) })`,

@@ -45,6 +45,8 @@ export interface DsqlTestTarget {
 
 export const CONFIG_FILES = ['postgres-dsql.config.js', 'postgres-dsql.config.cjs', 'postgres-dsql.config.json']
 const KEYS = new Set(['roles', 'dialect', 'region', 'clusterId', 'maxConnections', 'maxConnectionDurationSecs', 'connectionRate', 'latencyMs', 'lockTimeoutMs', 'setupSql', 'migrations'])
+/** The variable that names the stand-in's IAM identity (`AWS IAM GRANT role TO '<arn>'`). */
+export const IAM_ARN_ENV = 'POSTGRES_DSQL_IAM_ARN'
 /**
  * A developer's own AWS setup must not decide which keys the tests sign with: the variables that
  * pick another identity or pair with other keys (the same list `npx postgres-dsql local` unsets).
@@ -94,7 +96,9 @@ function checkOptions(value: unknown, where: string): DsqlTestOptions {
 export async function startTestDsql(dir: string): Promise<{ target: DsqlTestTarget; stop: () => Promise<void> }> {
   const { setupSql, migrations, ...options } = loadTestOptions(dir)
   const local = await startLocalDsql(options satisfies LocalDsqlOptions)
-  const saved = Object.fromEntries([...Object.keys(local.env), ...CLEARED].map((name) => [name, process.env[name]]))
+  // The IAM identity too: a test that creates a role maps it with AWS IAM GRANT, as on DSQL.
+  const env = { ...local.env, [IAM_ARN_ENV]: local.iamArn }
+  const saved = Object.fromEntries([...Object.keys(env), ...CLEARED].map((name) => [name, process.env[name]]))
   const stop = async () => {
     for (const [name, value] of Object.entries(saved)) {
       if (value === undefined) delete process.env[name]
@@ -110,9 +114,9 @@ export async function startTestDsql(dir: string): Promise<{ target: DsqlTestTarg
     throw err
   }
   for (const name of CLEARED) delete process.env[name]
-  Object.assign(process.env, local.env)
+  Object.assign(process.env, env)
   const { host, hostaddr, port, region, caFile, iamArn, credentials } = local
-  const target = { host, hostaddr, port, region, caFile, iamArn, credentials: { accessKeyId: credentials.accessKeyId, secretAccessKey: credentials.secretAccessKey }, env: local.env }
+  const target = { host, hostaddr, port, region, caFile, iamArn, credentials: { accessKeyId: credentials.accessKeyId, secretAccessKey: credentials.secretAccessKey }, env }
   return { target, stop }
 }
 

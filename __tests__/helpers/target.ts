@@ -1,3 +1,4 @@
+import { readFileSync } from 'node:fs'
 import type { AwsCredentialIdentity } from '@smithy/types'
 import type { DsqlOptions } from '../../lib'
 
@@ -13,11 +14,35 @@ export interface TestTarget {
   iamArn: string
 }
 
-/** The stand-in started by the global setup. */
+/**
+ * The environment this worker got from the product's jest global setup (what a user's tests get),
+ * as it was when the test file started: a test that changes process.env does not move the target.
+ */
+const exported = { ...process.env }
+let cached: TestTarget | undefined
+
+/** The stand-in started by the global setup, read from the variables it exported. */
 export function target(): TestTarget {
-  const raw = process.env.DSQL_TEST_TARGET
-  if (!raw) throw new Error('DSQL_TEST_TARGET is not set: run the tests with `npm test` (jest global setup starts the stand-in)')
-  return JSON.parse(raw) as TestTarget
+  return (cached ??= fromEnvironment())
+}
+
+function fromEnvironment(): TestTarget {
+  const get = (name: string): string => {
+    const value = exported[name]
+    if (!value) throw new Error(`${name} is not set: run the tests with \`npm test\` (jest's global setup, postgres-dsql's own, starts the stand-in)`)
+    return value
+  }
+  const caFile = get('PGSSLROOTCERT')
+  return {
+    host: get('CLUSTER_ENDPOINT'),
+    hostaddr: get('PGHOSTADDR'),
+    port: Number(get('PGPORT')),
+    region: get('AWS_REGION'),
+    caFile,
+    ca: readFileSync(caFile, 'utf8'),
+    credentials: { accessKeyId: get('AWS_ACCESS_KEY_ID'), secretAccessKey: get('AWS_SECRET_ACCESS_KEY') },
+    iamArn: get('POSTGRES_DSQL_IAM_ARN'),
+  }
 }
 
 /** Connector options that reach the stand-in as a user would: endpoint name, hostaddr, CA file. */
