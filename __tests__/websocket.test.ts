@@ -414,10 +414,14 @@ describe("the runtime's own WebSocket (Node's, with --experimental-websocket: wh
       sql\`select current_user as who, 1 + 1 as two\`.then(
         async ([row]) => { await sql.end(); console.log(JSON.stringify({ ...row, ws: ws() })) },
         async (e) => { await sql.end(); console.log(JSON.stringify({ name: e.name, code: e.code, message: e.message, ws: ws() })) })`
+    // No hostaddr or CA file either (jest's global setup exports PGHOSTADDR and PGSSLROOTCERT): a runtime's WebSocket takes neither.
+    const env: NodeJS.ProcessEnv = { ...process.env, DSQL_TEST_RESOLVE: t.host, NODE_EXTRA_CA_CERTS: trustCa ? t.caFile : '' }
+    delete env.PGHOSTADDR
+    delete env.PGSSLROOTCERT
     const { stdout } = await promisify(execFile)(
       process.execPath,
       ['--experimental-websocket', '-r', './__tests__/helpers/resolve-endpoint.js', '-r', './__tests__/helpers/register-ts.js', '-e', script],
-      { cwd: `${__dirname}/..`, encoding: 'utf8', env: { ...process.env, DSQL_TEST_RESOLVE: t.host, NODE_EXTRA_CA_CERTS: trustCa ? t.caFile : '' } },
+      { cwd: `${__dirname}/..`, encoding: 'utf8', env },
     )
     return JSON.parse(stdout) as Record<string, unknown>
   }
