@@ -7,6 +7,7 @@
 import postgres from 'postgres'
 import dsql, { type DsqlOptions } from '../lib'
 import { startLocalDsql, type LocalDsql } from '../lib/local'
+import { Handover } from '../lib/connect/handover'
 
 let local: LocalDsql
 const unhandled: unknown[] = []
@@ -381,5 +382,57 @@ describe('end() after a lost connection', () => {
     await local.startGateway()
     expect(await sql`select 2 as two`).toEqual([{ two: 2 }])
     expect(await within(sql.end())).toBeUndefined()
+  })
+})
+
+describe('a close while postgres.js holds a write', () => {
+  test("the slot's next connection opens at once (postgres.js 3.4.9 would leave it waiting on a cancelled timer)", async () => {
+    // Each hand-over's transport, and what postgres.js wrote to it: this test closes two at once.
+    type Duplex = import('node:stream').Duplex
+    const transports = new Map<Handover, { stream: Duplex; wrote: string }>()
+    const proto = Handover.prototype as unknown as {
+      attach(this: Handover, session: { stream: Duplex }): void
+      send(this: Handover, chunk: Buffer, callback: () => void): void
+    }
+    const { attach, send } = proto
+    const spies = [
+      jest.spyOn(proto, 'attach').mockImplementation(function (this: Handover, session) {
+        transports.set(this, { stream: session.stream, wrote: '' })
+        return attach.call(this, session)
+      }),
+      jest.spyOn(proto, 'send').mockImplementation(function (this: Handover, chunk, callback) {
+        const seen = transports.get(this)
+        if (seen) seen.wrote += chunk.toString('latin1')
+        return send.call(this, chunk, callback)
+      }),
+    ]
+    const sql = open({ max: 2, connect_timeout: 20 })
+    try {
+      await Promise.all([sql`select pg_sleep(0.2)`, sql`select pg_sleep(0.2)`])
+      expect(transports.size).toBe(2)
+      const busy = failure(sql`select pg_sleep(30)`)
+      await running('select pg_sleep(30)', 1)
+      const sleeping = (x: { wrote: string }) => Number(x.wrote.includes('pg_sleep(30)'))
+      const [a, b] = [...transports.values()].filter((x) => x.wrote.includes('pg_sleep(0.2)')).sort((x, y) => sleeping(y) - sleeping(x))
+      // Both connections close in one turn of the event loop (as when a Region goes away): the
+      // busy one first. Its query's failure issues the next query, which postgres.js writes to
+      // the other, idle connection on a setImmediate; that connection's close comes before it.
+      const next = busy.then(() => failure(sql`select 'next'`))
+      const closed: string[] = []
+      a.stream.once('close', () => closed.push('busy'))
+      b.stream.once('close', () => closed.push('idle'))
+      // libuv runs the close callbacks of one turn last-closed first.
+      b.stream.destroy()
+      a.stream.destroy()
+      expect(await busy).toMatchObject({ code: 'CONNECTION_CLOSED' })
+      expect(await next).toMatchObject({ code: 'CONNECTION_CLOSED' })
+      expect(closed).toEqual(['busy', 'idle'])
+      // Both slots open again; without the fix one never sends its StartupMessage (CONNECT_TIMEOUT).
+      const again = await within(Promise.all([sql`select pg_sleep(0.1), 3 as n`, sql`select pg_sleep(0.1), 4 as n`]).catch((e: Error) => e.message))
+      expect(again).toEqual([[{ pg_sleep: '', n: 3 }], [{ pg_sleep: '', n: 4 }]])
+    } finally {
+      spies.forEach((spy) => spy.mockRestore())
+      await sql.end({ timeout: 1 })
+    }
   })
 })

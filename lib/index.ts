@@ -1,6 +1,7 @@
 import postgres from 'postgres'
 import { connector } from './connect'
 import { Hosts, type EndpointState } from './connect/hosts'
+import { FLUSH_PARAMETER, FLUSH_VALUE } from './connect/startup'
 import { credentialsOption, definedOnly, mergeUrl, resolveConfig, type DsqlConfig, type DsqlOptions } from './config'
 import { withRetry, type RetryBegin } from './retry'
 import { credentialProvider, tokenMinter, type Mint } from './token'
@@ -114,7 +115,7 @@ function postgresOptions<T extends Types>(options: DsqlOptions<T>, config: DsqlC
     // `sql.options.pass` it gives other tools a fresh token (and is never a string in sql.options).
     pass: mint,
     ssl: false,
-    connection: { ...options.connection, application_name: applicationName(options.connection?.application_name) },
+    connection: { ...options.connection, application_name: applicationName(options.connection?.application_name), [FLUSH_PARAMETER]: FLUSH_VALUE },
     socket,
   }
 }

@@ -76,9 +76,21 @@ export async function startup(
 /** ReadyForQuery: 'Z', int32 5, status byte. */
 const READY_LENGTH = 6
 
+/**
+ * A startup parameter only postgres.js sees, never sent: it makes postgres.js's StartupMessage
+ * at least 1,024 bytes, which postgres.js writes at once instead of on a setImmediate. postgres.js
+ * 3.4.9's close handler cancels a pending write without forgetting it, and then every later
+ * write of that connection waits on the cancelled timer: the slot's next connection would never
+ * send its StartupMessage and would hang until connect_timeout. A write of 1,024 bytes or more
+ * goes out at once, stale bytes first (the stream ignores what precedes the StartupMessage).
+ */
+export const FLUSH_PARAMETER = 'postgres-dsql.flush'
+export const FLUSH_VALUE = 'never sent: lets postgres.js write its startup at once'.padEnd(1024, '.')
+
 function startupParams(pg: PgSocketOptions, schema: string | false): Record<string, string> {
   const params: Record<string, string> = { user: pg.user, database: pg.database, client_encoding: 'UTF8' }
-  for (const [k, v] of Object.entries(pg.connection)) if (v !== undefined && v !== null && v !== false) params[k] = String(v)
+  for (const [k, v] of Object.entries(pg.connection))
+    if (v !== undefined && v !== null && v !== false && k !== FLUSH_PARAMETER) params[k] = String(v)
   if (schema === false) return params
   // The schema wins over the user's own search_path, as the SET after the startup did: after
   // their options (the later -c wins), and without a search_path parameter (it would beat options).
