@@ -4,7 +4,8 @@
  * client's writes per connection stay few (what a server that leaves Nagle on makes costly).
  */
 import * as tls from 'node:tls'
-import dsql, { type DsqlOptions } from '../lib'
+import dsql, { DsqlConnectionError, type DsqlOptions } from '../lib'
+import { forgetEndpoints } from '../lib/connect/startup'
 import { startLocalDsql, type LocalDsql } from '../lib/local'
 
 let local: LocalDsql
@@ -13,6 +14,8 @@ beforeAll(async () => {
   local = await startLocalDsql({ roles: ['appuser'], nagle: true })
 }, 60_000)
 
+// Each test starts with endpoints the connector has not met: its first connection waits to be asked for the token.
+beforeEach(() => forgetEndpoints())
 afterEach(() => local.setFaults({}))
 afterAll(async () => local?.stop())
 
@@ -42,6 +45,22 @@ function recordClientWrites(): { writes: string[]; restore(): void } {
   })
   return { writes, restore: () => spy.mockRestore() }
 }
+
+/** The messages of one client write, by type ('startup' for the StartupMessage), e.g. ['startup', 'p']. */
+function messagesOf(write: string): string[] {
+  const bytes = Buffer.from(write, 'latin1')
+  const types: string[] = []
+  let at = 0
+  if (bytes.length >= 8 && bytes.readUInt32BE(4) === 196608) {
+    types.push('startup')
+    at = bytes.readUInt32BE(0)
+  }
+  for (; at + 5 <= bytes.length; at += 1 + bytes.readUInt32BE(at + 1)) types.push(String.fromCharCode(bytes[at]))
+  return types
+}
+
+/** A Flush message: type H, length 4, nothing else. */
+const FLUSH = 'H\0\0\0\x04'
 
 async function schemaOf(extra: DsqlOptions): Promise<{ schema: string | null; path: string }> {
   const sql = dsql(options({ max: 1, ...extra }))
@@ -132,9 +151,11 @@ describe('a server that refuses options in the StartupMessage', () => {
       }
       expect(local.stats().accepted - accepted).toBe(3)
       expect(warnings).toHaveLength(1)
-      const [startupMessage, password, query] = recorded.writes
+      // This endpoint asked for the token before: it goes with the StartupMessage now.
+      const [startupMessage, ...rest] = recorded.writes
       expect(startupMessage).not.toContain('options\0')
-      expect(password[0]).toBe('p')
+      expect(messagesOf(startupMessage)).toEqual(['startup', 'p'])
+      const query = rest.find((w) => w !== FLUSH)!
       // The SET and the first query leave in one write.
       expect(query).toMatch(/^Q.{4}SET search_path = "myschema"\0[\s\S]*select current_schema\(\)/)
     } finally {
@@ -168,5 +189,101 @@ describe('the stand-in nagle switch', () => {
     expect((await schemaOf({})).schema).toBe('public')
     await local.setLimits({ nagle: true })
     expect((await schemaOf({})).schema).toBe('public')
+  })
+})
+
+/** postgres.js's first query, in one write: Parse, Describe, Bind, Execute, Sync. */
+const QUERY = ['P', 'D', 'B', 'E', 'S']
+
+/** One new client's select, with the writes its TLS sockets made. */
+async function recordedSelect(extra: DsqlOptions = {}): Promise<string[]> {
+  const recorded = recordClientWrites()
+  try {
+    const sql = dsql(options({ max: 1, ...extra }))
+    try {
+      expect((await sql`select 1 as n`)[0].n).toBe(1)
+    } finally {
+      await sql.end({ timeout: 2 })
+    }
+  } finally {
+    recorded.restore()
+  }
+  return recorded.writes
+}
+
+describe('the token sent with the StartupMessage, to an endpoint that asked for it before', () => {
+  test('the first connection waits to be asked; later ones, in new clients too, send it at once, then a Flush per session ticket', async () => {
+    const first = await recordedSelect()
+    expect(first.map(messagesOf)).toEqual([['startup'], ['p'], QUERY, ['X']])
+
+    for (let i = 0; i < 2; i++) {
+      const writes = await recordedSelect()
+      // Startup and token in one write; the stand-in's TLS 1.3 session tickets are each answered
+      // with a Flush (it asks nothing back); then the query; then postgres.js's Terminate.
+      const [opening, ...rest] = writes
+      expect(messagesOf(opening)).toEqual(['startup', 'p'])
+      const flushes = rest.filter((w) => w === FLUSH)
+      expect(flushes.length).toBeGreaterThanOrEqual(1)
+      expect(rest.filter((w) => w !== FLUSH).map(messagesOf)).toEqual([QUERY, ['X']])
+    }
+  })
+
+  test('a user is an endpoint of its own: appuser is asked first, though admin was not', async () => {
+    await recordedSelect()
+    expect(messagesOf((await recordedSelect())[0])).toEqual(['startup', 'p'])
+    expect(messagesOf((await recordedSelect({ user: 'appuser' }))[0])).toEqual(['startup'])
+    expect(messagesOf((await recordedSelect({ user: 'appuser' }))[0])).toEqual(['startup', 'p'])
+  })
+
+  for (const authMethod of ['md5', 'sasl'] as const)
+    test(`a server that now asks for ${authMethod}: one more connection that waits, then the typed error; never sent unasked again until asked`, async () => {
+      await recordedSelect() // learns: cleartext
+      local.setFaults({ authMethod })
+      const accepted = local.stats().accepted
+      const recorded = recordClientWrites()
+      const sql = dsql(options({ max: 1 }))
+      try {
+        const err = await sql`select 1`.catch((e: unknown) => e)
+        expect(err).toBeInstanceOf(DsqlConnectionError)
+        expect((err as Error).message).toMatch(new RegExp(`asked for authentication method ${authMethod === 'md5' ? 5 : 10}; DSQL uses a cleartext IAM token`))
+      } finally {
+        recorded.restore()
+        await sql.end({ timeout: 2 })
+      }
+      // The unasked token went once; the retry waited, was asked for another method, and sent nothing more.
+      expect(local.stats().accepted - accepted).toBe(2)
+      expect(recorded.writes.filter((w) => w !== FLUSH).map(messagesOf)).toEqual([['startup', 'p'], ['startup']])
+
+      local.setFaults({})
+      expect(messagesOf((await recordedSelect())[0])).toEqual(['startup'])
+      expect(messagesOf((await recordedSelect())[0])).toEqual(['startup', 'p'])
+    })
+
+  test('a server that refuses an unasked token: the connection is opened again at once, waiting; after two refusals never again', async () => {
+    await recordedSelect()
+    local.setFaults({ refuseEarlyPassword: true })
+    const opened = async () => {
+      const accepted = local.stats().accepted
+      const writes = await recordedSelect()
+      return { connections: local.stats().accepted - accepted, opening: writes.filter((w) => messagesOf(w)[0] === 'startup').map(messagesOf) }
+    }
+    expect(await opened()).toEqual({ connections: 2, opening: [['startup', 'p'], ['startup']] })
+    expect(await opened()).toEqual({ connections: 2, opening: [['startup', 'p'], ['startup']] })
+    expect(await opened()).toEqual({ connections: 1, opening: [['startup']] })
+    local.setFaults({})
+    expect(await opened()).toEqual({ connections: 1, opening: [['startup']] })
+  })
+
+  test('a wrong token sent unasked fails as when asked: DsqlTokenError, no second connection', async () => {
+    await recordedSelect()
+    const accepted = local.stats().accepted
+    const wrong = { accessKeyId: local.credentials.accessKeyId, secretAccessKey: 'not-the-secret' }
+    const sql = dsql(options({ max: 1, credentials: wrong }))
+    try {
+      await expect(sql`select 1`).rejects.toMatchObject({ name: 'DsqlTokenError' })
+    } finally {
+      await sql.end({ timeout: 2 })
+    }
+    expect(local.stats().accepted - accepted).toBe(1)
   })
 })

@@ -21,6 +21,54 @@ export type OnConnect = (session: DsqlSession) => void | Promise<void>
  */
 export class SchemaOptionRefused extends DsqlConnectionError {}
 
+/**
+ * A connection that sent the token unasked (see `sendsTokenEarly`) did not go as a cleartext
+ * exchange: the server asked for another method, refused, or closed. The endpoint is forgotten;
+ * the caller opens a new connection that waits for the server's request, as every driver does.
+ */
+export class EarlyTokenRefused extends DsqlConnectionError {}
+
+/**
+ * Endpoints (address, server name, user) whose last connection was asked for a cleartext
+ * password, as DSQL always asks: their next connections send the token with the StartupMessage
+ * (one round trip less). Only a server that proved it wants the token gets it unasked, and only
+ * after its certificate verified. One that then fails such a connection twice (another auth
+ * method, an error, a close) is never sent it unasked again. Process-wide, so that a new client
+ * (a new dsql(), a Lambda invocation) to a known endpoint gains too; bounded.
+ */
+const endpoints = new Map<string, { cleartext: boolean; failures: number }>()
+const MAX_KNOWN = 1000
+const MAX_EARLY_FAILURES = 2
+
+const endpointKey = (config: DsqlConfig, user: string) => [config.hostaddr, config.port, config.host, config.transport, user].join('\0')
+
+function learn(key: string, change: (known: { cleartext: boolean; failures: number }) => void): void {
+  const known = endpoints.get(key) ?? { cleartext: false, failures: 0 }
+  change(known)
+  endpoints.delete(key)
+  endpoints.set(key, known)
+  if (endpoints.size > MAX_KNOWN) endpoints.delete(endpoints.keys().next().value as string)
+}
+
+function sendsTokenEarly(key: string): boolean {
+  const known = endpoints.get(key)
+  return !!known && known.cleartext && known.failures < MAX_EARLY_FAILURES
+}
+
+/** Tests: every endpoint is new again. */
+export function forgetEndpoints(): void {
+  endpoints.clear()
+}
+
+/**
+ * Flush: asks nothing, and is answered with nothing. Sent after the token when a TLS 1.3 session
+ * ticket arrives: the ticket is a server write the client answers with no data, so at a server
+ * that leaves Nagle on, its next write (the authentication answer) waits for the client's
+ * delayed ACK (40 ms and more on Linux) plus the ACK's way back. Any bytes from the client carry
+ * that ACK at once.
+ */
+const FLUSH = Buffer.from([0x48, 0, 0, 0, 4])
+
 export interface Started {
   /**
    * What postgres.js is to read first, as if from a fresh server: the startup answer
@@ -52,9 +100,36 @@ export async function startup(
   // In the StartupMessage the schema costs nothing: a SET would add a reply that, split from the
   // first query's, waits on a delayed ACK at a server that leaves Nagle on.
   const inStartup = schemaInStartup && config.schema !== false
+  const key = endpointKey(config, pg.user)
+  const early = sendsTokenEarly(key)
+  // Written a tick later: 'session' is emitted inside OpenSSL's read of the ticket, and a write
+  // from there breaks the record sequence (the server fails with bad_record_mac). Tickets that
+  // arrive together are answered once.
+  let acking = false
+  const ackTicket = () => {
+    if (acking) return
+    acking = true
+    setImmediate(() => {
+      acking = false
+      if (!reader.detached && !stream.destroyed) stream.write(FLUSH)
+    })
+  }
   try {
-    stream.write(wire.startupMessage(startupParams(pg, inStartup ? config.schema : false)))
-    const { replay, parameters } = await authenticate(reader, stream, token, config, inStartup)
+    const startupMessage = wire.startupMessage(startupParams(pg, inStartup ? config.schema : false))
+    if (!early) stream.write(startupMessage)
+    else {
+      // One write: the token leaves with the StartupMessage, in one TLS record and TCP segment.
+      stream.write(Buffer.concat([startupMessage, wire.passwordMessage(await reader.guard(token))]))
+      stream.on('session', ackTicket)
+    }
+    const { replay, parameters, askedCleartext } = await authenticate(reader, stream, token, config, inStartup, early).catch((err: unknown) => {
+      if (!early) throw err
+      const error = refusedEarly(err, config)
+      // Whatever went wrong, it may be the unasked token: the next connection waits to be asked.
+      if (error instanceof EarlyTokenRefused) learn(key, (known) => ((known.cleartext = false), known.failures++))
+      throw error
+    })
+    learn(key, (known) => (known.cleartext = askedCleartext))
     const setSchema = config.schema === false || inStartup ? null : `SET search_path = ${wire.quoteIdentifier(config.schema)}`
     if (!onconnect) return { replay, rest: reader.detach(), pipelined: setSchema }
     const session: DsqlSession = { query: (sql) => reader.query(sql), parameters }
@@ -69,8 +144,24 @@ export async function startup(
     const ready = replay.subarray(replay.length - READY_LENGTH)
     return { replay: Buffer.concat([replay.subarray(0, replay.length - READY_LENGTH), ...reader.reported, ready]), rest: reader.detach(), pipelined: null }
   } finally {
+    stream.removeListener('session', ackTicket)
     reader.detach()
   }
+}
+
+/**
+ * A failure after the token was sent unasked, as the error to retry with: the token's own
+ * refusals and DSQL's quotas stand as they are (a new connection would meet them again);
+ * anything else (another auth method, a protocol error, a close) becomes EarlyTokenRefused.
+ */
+function refusedEarly(err: unknown, config: DsqlConfig): unknown {
+  if (err instanceof DsqlTokenError || err instanceof DsqlTlsError) return err
+  if (err instanceof DsqlConnectionError && (err.sqlstate === '53300' || err.sqlstate === '53400' || err.code === 'CONNECT_TIMEOUT')) return err
+  const said = err instanceof Error ? err.message : String(err)
+  return new EarlyTokenRefused(`${where(config)} did not take the IAM token sent with the startup message (${said}); the next connection waits to be asked.`, {
+    retryable: false,
+    cause: err,
+  })
 }
 
 /** ReadyForQuery: 'Z', int32 5, status byte. */
@@ -93,9 +184,10 @@ const escapeOption = (value: string) => value.replace(/[\\\s]/g, (c) => `\\${c}`
 /** Refusals that may be about `options` (not the token, not a quota): worth a try with a SET instead. */
 const OPTION_REFUSAL = /option|search_path|parameter|setting/i
 
-async function authenticate(reader: Reader, stream: Duplex, token: Promise<string>, config: DsqlConfig, sentOptions: boolean) {
+async function authenticate(reader: Reader, stream: Duplex, token: Promise<string>, config: DsqlConfig, sentOptions: boolean, sentToken: boolean) {
   const replay: Buffer[] = []
   const parameters: Record<string, string> = {}
+  let askedCleartext = false
   for (;;) {
     const message = await reader.next()
     const type = String.fromCharCode(message[0])
@@ -108,8 +200,10 @@ async function authenticate(reader: Reader, stream: Duplex, token: Promise<strin
     }
     if (type === 'R') {
       const code = wire.authCode(message)
-      if (code === 3) stream.write(wire.passwordMessage(await reader.guard(token)))
-      else if (code !== 0) throw new DsqlConnectionError(`The server asked for authentication method ${code}; DSQL uses a cleartext IAM token.`, { retryable: false })
+      if (code === 3) {
+        askedCleartext = true
+        if (!sentToken) stream.write(wire.passwordMessage(await reader.guard(token)))
+      } else if (code !== 0) throw new DsqlConnectionError(`The server asked for authentication method ${code}; DSQL uses a cleartext IAM token.`, { retryable: false })
       else replay.push(message)
       continue
     }
@@ -118,7 +212,7 @@ async function authenticate(reader: Reader, stream: Duplex, token: Promise<strin
       parameters[name] = value
     }
     replay.push(message)
-    if (type === 'Z') return { replay: Buffer.concat(replay), parameters }
+    if (type === 'Z') return { replay: Buffer.concat(replay), parameters, askedCleartext }
   }
 }
 
@@ -154,7 +248,7 @@ class Reader {
   private statementSent = false
   /** ParameterStatus and NoticeResponse messages the hook's queries brought: postgres.js is to see them too. */
   readonly reported: Buffer[] = []
-  private detached = false
+  detached = false
   /** Rejects when the session fails or times out: every wait in `startup` races it. */
   readonly failed: Promise<never>
   private rejectFailed: (error: Error) => void = () => undefined
