@@ -61,11 +61,13 @@ export function forgetEndpoints(): void {
 }
 
 /**
- * Flush: asks nothing, and is answered with nothing. Sent after the token when a TLS 1.3 session
- * ticket arrives: the ticket is a server write the client answers with no data, so at a server
- * that leaves Nagle on, its next write (the authentication answer) waits for the client's
- * delayed ACK (40 ms and more on Linux) plus the ACK's way back. Any bytes from the client carry
- * that ACK at once.
+ * Flush: asks nothing, and is answered with nothing; it only carries TCP's ACK. A server that
+ * leaves Nagle on holds a small write while its previous one is unacknowledged, and a client that
+ * has nothing to send acknowledges late (Linux: a delayed ACK, 40 ms or more, plus its way back).
+ * During startup the server writes more than once per client message: TLS 1.3 session tickets
+ * before the password request, the request before the authentication answer (an early token),
+ * AuthenticationOk before the rest (PostgreSQL flushes it alone). Once the token is sent, each
+ * such arrival is answered with a Flush, so that the next write leaves at once.
  */
 const FLUSH = Buffer.from([0x48, 0, 0, 0, 4])
 
@@ -102,25 +104,13 @@ export async function startup(
   const inStartup = schemaInStartup && config.schema !== false
   const key = endpointKey(config, pg.user)
   const early = sendsTokenEarly(key)
-  // Written a tick later: 'session' is emitted inside OpenSSL's read of the ticket, and a write
-  // from there breaks the record sequence (the server fails with bad_record_mac). Tickets that
-  // arrive together are answered once.
-  let acking = false
-  const ackTicket = () => {
-    if (acking) return
-    acking = true
-    setImmediate(() => {
-      acking = false
-      if (!reader.detached && !stream.destroyed) stream.write(FLUSH)
-    })
-  }
   try {
     const startupMessage = wire.startupMessage(startupParams(pg, inStartup ? config.schema : false))
     if (!early) stream.write(startupMessage)
     else {
       // One write: the token leaves with the StartupMessage, in one TLS record and TCP segment.
       stream.write(Buffer.concat([startupMessage, wire.passwordMessage(await reader.guard(token))]))
-      stream.on('session', ackTicket)
+      reader.ackArrivals()
     }
     const { replay, parameters, askedCleartext } = await authenticate(reader, stream, token, config, inStartup, early).catch((err: unknown) => {
       if (!early) throw err
@@ -144,7 +134,6 @@ export async function startup(
     const ready = replay.subarray(replay.length - READY_LENGTH)
     return { replay: Buffer.concat([replay.subarray(0, replay.length - READY_LENGTH), ...reader.reported, ready]), rest: reader.detach(), pipelined: null }
   } finally {
-    stream.removeListener('session', ackTicket)
     reader.detach()
   }
 }
@@ -202,7 +191,10 @@ async function authenticate(reader: Reader, stream: Duplex, token: Promise<strin
       const code = wire.authCode(message)
       if (code === 3) {
         askedCleartext = true
-        if (!sentToken) stream.write(wire.passwordMessage(await reader.guard(token)))
+        if (!sentToken) {
+          stream.write(wire.passwordMessage(await reader.guard(token)))
+          reader.ackArrivals()
+        }
       } else if (code !== 0) throw new DsqlConnectionError(`The server asked for authentication method ${code}; DSQL uses a cleartext IAM token.`, { retryable: false })
       else replay.push(message)
       continue
@@ -248,10 +240,14 @@ class Reader {
   private statementSent = false
   /** ParameterStatus and NoticeResponse messages the hook's queries brought: postgres.js is to see them too. */
   readonly reported: Buffer[] = []
-  detached = false
+  private detached = false
   /** Rejects when the session fails or times out: every wait in `startup` races it. */
   readonly failed: Promise<never>
   private rejectFailed: (error: Error) => void = () => undefined
+
+  /** Flushes answer what arrives (see FLUSH): 'on' from the token to the startup's ReadyForQuery. */
+  private acking: 'off' | 'on' | 'done' = 'off'
+  private ackScheduled = false
 
   constructor(
     private stream: Duplex,
@@ -261,6 +257,8 @@ class Reader {
     this.failed = new Promise<never>((_, reject) => (this.rejectFailed = reject))
     this.failed.catch(() => undefined)
     stream.on('data', this.onData)
+    // TLS 1.3 session tickets arrive without data: a TLSSocket says so with 'session'.
+    stream.on('session', this.ack)
     stream.on('error', this.onError)
     stream.on('close', this.onClose)
     this.timer = setTimeout(() => {
@@ -319,6 +317,23 @@ class Reader {
     }
   }
 
+  /** The token is sent: from now until ReadyForQuery, every arrival is answered with a Flush. */
+  ackArrivals(): void {
+    if (this.acking === 'off') this.acking = 'on'
+  }
+
+  // A tick later: 'session' is emitted inside OpenSSL's read of the ticket, and a write from there
+  // breaks the record sequence (the server fails with bad_record_mac). Arrivals of one tick are
+  // answered once, and not at all when they completed the startup.
+  private ack = () => {
+    if (this.acking !== 'on' || this.ackScheduled) return
+    this.ackScheduled = true
+    setImmediate(() => {
+      this.ackScheduled = false
+      if (this.acking === 'on' && !this.detached && !this.stream.destroyed) this.stream.write(FLUSH)
+    })
+  }
+
   /** Stops reading (idempotent); returns the bytes read but not consumed, in order. */
   detach(): Buffer {
     if (this.detached) return Buffer.alloc(0)
@@ -326,6 +341,7 @@ class Reader {
     clearTimeout(this.timer)
     this.stream.pause()
     this.stream.removeListener('data', this.onData)
+    this.stream.removeListener('session', this.ack)
     this.stream.removeListener('error', this.onError)
     this.stream.removeListener('close', this.onClose)
     const rest = Buffer.concat([...this.queue, this.frames.rest()])
@@ -335,12 +351,14 @@ class Reader {
 
   private onData = (chunk: Buffer) => {
     for (const message of this.frames.push(chunk)) {
+      if (message[0] === 0x5a) this.acking = 'done'
       if (this.waiting) {
         const { resolve } = this.waiting
         this.waiting = null
         resolve(message)
       } else this.queue.push(message)
     }
+    this.ack()
   }
 
   private onError = (err: Error) =>
