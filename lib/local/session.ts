@@ -141,6 +141,7 @@ export async function serve(connection: ClientConnection, context: GatewayContex
   // Bytes already here were sent before the request: a password the client did not wait for.
   if (faults.refuseEarlyPassword && secured.readableLength > 0)
     return refuse(connection, secured, context, { severity: 'FATAL', code: '08P01', message: 'unexpected data before the password request' })
+  if (faults.dropEarlyPassword && secured.readableLength > 0) secured.read()
   secured.write(authenticationCleartextPassword())
   const password = await readMessage(secured, MAX_PASSWORD_LENGTH)
   if (faults.closeAt === 'password') return connection.destroy()
