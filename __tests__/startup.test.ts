@@ -5,7 +5,8 @@
  */
 import * as tls from 'node:tls'
 import dsql, { DsqlConnectionError, type DsqlOptions } from '../lib'
-import { forgetEndpoints } from '../lib/connect/startup'
+import { forgetEndpoints, learnAuth, sendsTokenEarly } from '../lib/connect/startup'
+import { resolveConfig } from '../lib/config'
 import { startLocalDsql, type LocalDsql } from '../lib/local'
 
 let local: LocalDsql
@@ -91,16 +92,16 @@ describe('the schema in the StartupMessage', () => {
     expect((await schemaOf({ schema: name })).schema).toBe(name)
   })
 
-  test('is sent as options; no SET goes out; three client writes to the first row', async () => {
+  test('is sent as options; no SET goes out; two client writes to the first row, and Flushes', async () => {
     const recorded = recordClientWrites()
     try {
       expect(await schemaOf({ user: 'appuser' })).toEqual({ schema: 'myschema', path: '"myschema"' })
     } finally {
       recorded.restore()
     }
-    const [startupMessage, password, query, ...after] = recorded.writes
+    const [startupMessage, query, ...after] = recorded.writes.filter((w) => w !== FLUSH)
     expect(startupMessage).toContain('options\0-c search_path="myschema"\0')
-    expect(password[0]).toBe('p')
+    expect(messagesOf(startupMessage)).toEqual(['startup', 'p'])
     expect(query).toContain('select current_schema()')
     expect(recorded.writes.join('')).not.toMatch(/SET search_path/i)
     // Then only postgres.js's Terminate.
@@ -211,33 +212,42 @@ async function recordedSelect(extra: DsqlOptions = {}): Promise<string[]> {
   return recorded.writes
 }
 
-describe('the token sent with the StartupMessage, to an endpoint that asked for it before', () => {
-  test('the first connection waits to be asked; later ones, in new clients too, send it at once, then a Flush per session ticket', async () => {
-    const first = await recordedSelect()
-    expect(first.map(messagesOf)).toEqual([['startup'], ['p'], QUERY, ['X']])
-
-    for (let i = 0; i < 2; i++) {
-      const writes = await recordedSelect()
-      // Startup and token in one write; the stand-in's TLS 1.3 session tickets are each answered
-      // with a Flush (it asks nothing back); then the query; then postgres.js's Terminate.
-      const [opening, ...rest] = writes
+describe('the token sent with the StartupMessage', () => {
+  test('to a DSQL endpoint name from the first connection, in new clients too; then a Flush per server write until ReadyForQuery', async () => {
+    for (let i = 0; i < 3; i++) {
+      const [opening, ...rest] = await recordedSelect()
+      // Startup and token in one write; the stand-in's TLS 1.3 session tickets (and a password
+      // request that arrives alone) are each answered with a Flush, which asks nothing back;
+      // then the query; then postgres.js's Terminate.
       expect(messagesOf(opening)).toEqual(['startup', 'p'])
-      const flushes = rest.filter((w) => w === FLUSH)
-      expect(flushes.length).toBeGreaterThanOrEqual(1)
+      expect(rest.filter((w) => w === FLUSH).length).toBeGreaterThanOrEqual(1)
       expect(rest.filter((w) => w !== FLUSH).map(messagesOf)).toEqual([QUERY, ['X']])
     }
   })
 
-  test('a user is an endpoint of its own: appuser is asked first, though admin was not', async () => {
-    await recordedSelect()
-    expect(messagesOf((await recordedSelect())[0])).toEqual(['startup', 'p'])
-    expect(messagesOf((await recordedSelect({ user: 'appuser' }))[0])).toEqual(['startup'])
-    expect(messagesOf((await recordedSelect({ user: 'appuser' }))[0])).toEqual(['startup', 'p'])
+  test('to any other endpoint name only once it asked for a cleartext password, per user; never after two failures', () => {
+    const proxy = resolveConfig({ host: 'proxy.example.com', region: 'us-east-1', hostaddr: '127.0.0.1' })
+    const cluster = resolveConfig({ host: local.host, hostaddr: local.hostaddr, port: local.port })
+    expect(sendsTokenEarly(cluster, 'admin')).toBe(true)
+    expect(sendsTokenEarly(proxy, 'admin')).toBe(false)
+    learnAuth(proxy, 'admin', 'cleartext')
+    expect(sendsTokenEarly(proxy, 'admin')).toBe(true)
+    expect(sendsTokenEarly(proxy, 'appuser')).toBe(false)
+    expect(sendsTokenEarly({ ...proxy, port: 5433 }, 'admin')).toBe(false)
+    learnAuth(proxy, 'admin', 'early token failed')
+    expect(sendsTokenEarly(proxy, 'admin')).toBe(false)
+    learnAuth(proxy, 'admin', 'cleartext')
+    expect(sendsTokenEarly(proxy, 'admin')).toBe(true)
+    learnAuth(proxy, 'admin', 'early token failed')
+    learnAuth(proxy, 'admin', 'cleartext')
+    expect(sendsTokenEarly(proxy, 'admin')).toBe(false)
+    // A DSQL name that asked for something else is not sent the token unasked either.
+    learnAuth(cluster, 'admin', 'other')
+    expect(sendsTokenEarly(cluster, 'admin')).toBe(false)
   })
 
   for (const authMethod of ['md5', 'sasl'] as const)
     test(`a server that now asks for ${authMethod}: one more connection that waits, then the typed error; never sent unasked again until asked`, async () => {
-      await recordedSelect() // learns: cleartext
       local.setFaults({ authMethod })
       const accepted = local.stats().accepted
       const recorded = recordClientWrites()
@@ -272,6 +282,18 @@ describe('the token sent with the StartupMessage, to an endpoint that asked for 
     expect(await opened()).toEqual({ connections: 1, opening: [['startup']] })
     local.setFaults({})
     expect(await opened()).toEqual({ connections: 1, opening: [['startup']] })
+  })
+
+  test('a server that drops an unasked token and asks for it: the connection is opened again at once, waiting', async () => {
+    local.setFaults({ dropEarlyPassword: true })
+    const accepted = local.stats().accepted
+    const started = Date.now()
+    const writes = await recordedSelect()
+    // The Flush that answers the password request arrives where the token was expected: the server
+    // refuses it at once (the 5 s wait for an answer is only the backstop).
+    expect(writes.filter((w) => messagesOf(w)[0] === 'startup').map(messagesOf)).toEqual([['startup', 'p'], ['startup']])
+    expect(local.stats().accepted - accepted).toBe(2)
+    expect(Date.now() - started).toBeLessThan(4000)
   })
 
   test('a wrong token sent unasked fails as when asked: DsqlTokenError, no second connection', async () => {

@@ -23,36 +23,47 @@ export class SchemaOptionRefused extends DsqlConnectionError {}
 
 /**
  * A connection that sent the token unasked (see `sendsTokenEarly`) did not go as a cleartext
- * exchange: the server asked for another method, refused, or closed. The endpoint is forgotten;
- * the caller opens a new connection that waits for the server's request, as every driver does.
+ * exchange: the server asked for another method, refused, closed, or did not answer. The caller
+ * opens a new connection at once that waits for the server's request, as every driver does.
  */
 export class EarlyTokenRefused extends DsqlConnectionError {}
 
 /**
- * Endpoints (address, server name, user) whose last connection was asked for a cleartext
- * password, as DSQL always asks: their next connections send the token with the StartupMessage
- * (one round trip less). Only a server that proved it wants the token gets it unasked, and only
- * after its certificate verified. One that then fails such a connection twice (another auth
- * method, an error, a close) is never sent it unasked again. Process-wide, so that a new client
- * (a new dsql(), a Lambda invocation) to a known endpoint gains too; bounded.
+ * What connections learned about each endpoint (address, server name, port, transport, user):
+ * whether the server asked for a cleartext password last time, and how many connections that
+ * sent it the token unasked failed. Process-wide, so that a new client (a new dsql(), a Lambda
+ * invocation) gains too; bounded.
  */
 const endpoints = new Map<string, { cleartext: boolean; failures: number }>()
 const MAX_KNOWN = 1000
 const MAX_EARLY_FAILURES = 2
+/** With the token sent unasked and the request received, silence this long means the token was lost. */
+const EARLY_ANSWER_MS = 5000
 
 const endpointKey = (config: DsqlConfig, user: string) => [config.hostaddr, config.port, config.host, config.transport, user].join('\0')
 
-function learn(key: string, change: (known: { cleartext: boolean; failures: number }) => void): void {
+/**
+ * Whether a connection sends the token with the StartupMessage, before the server asks for it
+ * (one round trip less). DSQL always asks for a cleartext token: so an endpoint whose name is a
+ * DSQL cluster's (its certificate verified before anything is sent) gets it from the first
+ * connection, and any other endpoint once it asked for a cleartext password. Never after two
+ * such connections failed, or when the last one asked for something else.
+ */
+export function sendsTokenEarly(config: DsqlConfig, user: string): boolean {
+  const known = endpoints.get(endpointKey(config, user))
+  if (known) return known.cleartext && known.failures < MAX_EARLY_FAILURES
+  return config.clusterId !== undefined
+}
+
+/** Records what a connection to the endpoint learned: the method the server asked for, or an unasked token's failure. */
+export function learnAuth(config: DsqlConfig, user: string, outcome: 'cleartext' | 'other' | 'early token failed'): void {
+  const key = endpointKey(config, user)
   const known = endpoints.get(key) ?? { cleartext: false, failures: 0 }
-  change(known)
+  known.cleartext = outcome === 'cleartext'
+  if (outcome === 'early token failed') known.failures++
   endpoints.delete(key)
   endpoints.set(key, known)
   if (endpoints.size > MAX_KNOWN) endpoints.delete(endpoints.keys().next().value as string)
-}
-
-function sendsTokenEarly(key: string): boolean {
-  const known = endpoints.get(key)
-  return !!known && known.cleartext && known.failures < MAX_EARLY_FAILURES
 }
 
 /** Tests: every endpoint is new again. */
@@ -102,8 +113,7 @@ export async function startup(
   // In the StartupMessage the schema costs nothing: a SET would add a reply that, split from the
   // first query's, waits on a delayed ACK at a server that leaves Nagle on.
   const inStartup = schemaInStartup && config.schema !== false
-  const key = endpointKey(config, pg.user)
-  const early = sendsTokenEarly(key)
+  const early = sendsTokenEarly(config, pg.user)
   try {
     const startupMessage = wire.startupMessage(startupParams(pg, inStartup ? config.schema : false))
     if (!early) stream.write(startupMessage)
@@ -113,13 +123,17 @@ export async function startup(
       reader.ackArrivals()
     }
     const { replay, parameters, askedCleartext } = await authenticate(reader, stream, token, config, inStartup, early).catch((err: unknown) => {
-      if (!early) throw err
-      const error = refusedEarly(err, config)
-      // Whatever went wrong, it may be the unasked token: the next connection waits to be asked.
-      if (error instanceof EarlyTokenRefused) learn(key, (known) => ((known.cleartext = false), known.failures++))
-      throw error
+      if (!early || tokenOrQuota(err) || err instanceof SchemaOptionRefused) throw err
+      // Whatever else went wrong, it may be the unasked token: the next connection waits to be asked.
+      learnAuth(config, pg.user, 'early token failed')
+      if (err instanceof DsqlConnectionError && err.code === 'CONNECT_TIMEOUT') throw err
+      const said = err instanceof Error ? err.message : String(err)
+      throw new EarlyTokenRefused(`${where(config)} did not take the IAM token sent with the startup message (${said}); trying again, waiting to be asked.`, {
+        retryable: false,
+        cause: err,
+      })
     })
-    learn(key, (known) => (known.cleartext = askedCleartext))
+    learnAuth(config, pg.user, askedCleartext ? 'cleartext' : 'other')
     const setSchema = config.schema === false || inStartup ? null : `SET search_path = ${wire.quoteIdentifier(config.schema)}`
     if (!onconnect) return { replay, rest: reader.detach(), pipelined: setSchema }
     const session: DsqlSession = { query: (sql) => reader.query(sql), parameters }
@@ -138,19 +152,9 @@ export async function startup(
   }
 }
 
-/**
- * A failure after the token was sent unasked, as the error to retry with: the token's own
- * refusals and DSQL's quotas stand as they are (a new connection would meet them again);
- * anything else (another auth method, a protocol error, a close) becomes EarlyTokenRefused.
- */
-function refusedEarly(err: unknown, config: DsqlConfig): unknown {
-  if (err instanceof DsqlTokenError || err instanceof DsqlTlsError) return err
-  if (err instanceof DsqlConnectionError && (err.sqlstate === '53300' || err.sqlstate === '53400' || err.code === 'CONNECT_TIMEOUT')) return err
-  const said = err instanceof Error ? err.message : String(err)
-  return new EarlyTokenRefused(`${where(config)} did not take the IAM token sent with the startup message (${said}); the next connection waits to be asked.`, {
-    retryable: false,
-    cause: err,
-  })
+/** Refusals that have nothing to do with when the token was sent: a new connection would meet them again. */
+function tokenOrQuota(err: unknown): boolean {
+  return err instanceof DsqlTokenError || err instanceof DsqlTlsError || (err instanceof DsqlConnectionError && (err.sqlstate === '53300' || err.sqlstate === '53400'))
 }
 
 /** ReadyForQuery: 'Z', int32 5, status byte. */
@@ -178,7 +182,8 @@ async function authenticate(reader: Reader, stream: Duplex, token: Promise<strin
   const parameters: Record<string, string> = {}
   let askedCleartext = false
   for (;;) {
-    const message = await reader.next()
+    // Asked after the token went unasked: a server that dropped it would wait for it forever.
+    const message = await (sentToken && askedCleartext ? reader.next(EARLY_ANSWER_MS) : reader.next())
     const type = String.fromCharCode(message[0])
     if (type === 'E') {
       const fields = wire.errorFields(message)
@@ -267,11 +272,18 @@ class Reader {
     }, Math.max(0, deadline - Date.now()))
   }
 
-  next(): Promise<Buffer> {
+  /** The next message; with `withinMs`, a rejection if none comes that soon. */
+  next(withinMs?: number): Promise<Buffer> {
     const message = this.queue.shift()
     if (message) return Promise.resolve(message)
     if (this.failure) return Promise.reject(this.failure)
-    return new Promise((resolve, reject) => (this.waiting = { resolve, reject }))
+    const next = new Promise<Buffer>((resolve, reject) => (this.waiting = { resolve, reject }))
+    if (withinMs === undefined) return next
+    let timer: NodeJS.Timeout | undefined
+    const silence = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new DsqlConnectionError(`no answer ${withinMs / 1000}s after the password request`, { retryable: true })), withinMs)
+    })
+    return Promise.race([next, silence]).finally(() => clearTimeout(timer))
   }
 
   /** Races `work` against the session failing or timing out. */
