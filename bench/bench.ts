@@ -1,9 +1,11 @@
 /**
  * `npm run bench`: postgres-dsql against what a user would pick instead, side by side in one run,
  * through the local DSQL stand-in on loopback with simulated round-trip latency. Writes
- * bench/results.md and bench/connect.svg. Nothing here is a test: ratios within a run count.
+ * bench/results.md and bench/connect.svg (under bench/wan.py: results-wan.md, connect-wan.svg).
+ * Nothing here is a test: ratios within a run count.
  *
  *   npm run bench -- --n 50 --latency 20 --seconds 10 --rounds 20 --storm 200 --storm-rounds 3
+ *   sudo python3 bench/wan.py --rtt 20 -- npm run bench -- --n 30    (packets delayed, ACKs too)
  */
 import { writeFileSync } from 'node:fs'
 import { join } from 'node:path'
@@ -272,10 +274,12 @@ async function main(): Promise<void> {
     await standIn.stop()
   }
   const text = markdown(results)
-  writeFileSync(join(__dirname, 'results.md'), text)
-  writeFileSync(join(__dirname, 'connect.svg'), connectSvg(results))
+  // Under wan.py, beside the default run's files: both are worth keeping.
+  const [md, svg] = WAN_RTT === undefined ? ['results.md', 'connect.svg'] : ['results-wan.md', 'connect-wan.svg']
+  writeFileSync(join(__dirname, md), text)
+  writeFileSync(join(__dirname, svg), connectSvg(results))
   process.stdout.write(text)
-  log('wrote bench/results.md and bench/connect.svg')
+  log(`wrote bench/${md} and bench/${svg}`)
 }
 
 main().catch((err: unknown) => {
