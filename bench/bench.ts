@@ -77,7 +77,7 @@ async function measureConnect(standIn: StandIn): Promise<ConnectRow[]> {
   const target = standIn.target
   const signer = new DsqlSigner({ hostname: target.host, region: target.region, credentials: target.credentials })
   const design: Record<string, string> = {
-    ours: 'TLS 1 + startup with token 1 + query 1 = 3 (token unasked once the endpoint asked for it; schema in the startup message)',
+    ours: 'TLS 1 + startup with token 1 + query 1 = 3 (token unasked: a DSQL endpoint name; schema in the startup message)',
     byhand: 'SSLRequest 1 + TLS 1 + startup 1 + token 1 + pg_type fetch + query 1',
     official: 'SSLRequest 1 + TLS 1 + startup 1 + token 1 + query 1 = 5 (no schema selected)',
     'ours-noschema': 'TLS 1 + startup with token 1 + query 1 = 3',
@@ -250,7 +250,7 @@ async function measureCosts(target: Target): Promise<CostRow[]> {
 }
 
 async function main(): Promise<void> {
-  const command = `ts-node bench/bench.ts ${process.argv.slice(2).join(' ')}`.trim()
+  const command = `${WAN_RTT === undefined ? '' : `python3 bench/wan.py --rtt ${WAN_RTT} -- `}ts-node bench/bench.ts ${process.argv.slice(2).join(' ')}`.trim()
   log('starting the stand-in (cold, then warm)')
   const standIn = await startStandIn()
   let results: Results
