@@ -290,10 +290,10 @@ describe('the token sent with the StartupMessage', () => {
     const started = Date.now()
     const writes = await recordedSelect()
     // The Flush that answers the password request arrives where the token was expected: the server
-    // refuses it at once (the 5 s wait for an answer is only the backstop).
+    // refuses it at once (the 10 s wait for an answer is only the backstop).
     expect(writes.filter((w) => messagesOf(w)[0] === 'startup').map(messagesOf)).toEqual([['startup', 'p'], ['startup']])
     expect(local.stats().accepted - accepted).toBe(2)
-    expect(Date.now() - started).toBeLessThan(4000)
+    expect(Date.now() - started).toBeLessThan(8000)
   })
 
   test('a wrong token sent unasked fails as when asked: DsqlTokenError, no second connection', async () => {

@@ -38,7 +38,7 @@ const endpoints = new Map<string, { cleartext: boolean; failures: number }>()
 const MAX_KNOWN = 1000
 const MAX_EARLY_FAILURES = 2
 /** With the token sent unasked and the request received, silence this long means the token was lost. */
-const EARLY_ANSWER_MS = 5000
+const EARLY_ANSWER_MS = 10_000
 
 const endpointKey = (config: DsqlConfig, user: string) => [config.hostaddr, config.port, config.host, config.transport, user].join('\0')
 
