@@ -4,7 +4,9 @@
  * client's writes per connection stay few (what a server that leaves Nagle on makes costly).
  */
 import * as tls from 'node:tls'
-import dsql, { type DsqlOptions } from '../lib'
+import dsql, { DsqlConnectionError, type DsqlOptions } from '../lib'
+import { forgetEndpoints, learnAuth, sendsTokenEarly } from '../lib/connect/startup'
+import { resolveConfig } from '../lib/config'
 import { startLocalDsql, type LocalDsql } from '../lib/local'
 
 let local: LocalDsql
@@ -13,6 +15,8 @@ beforeAll(async () => {
   local = await startLocalDsql({ roles: ['appuser'], nagle: true })
 }, 60_000)
 
+// Each test starts with endpoints the connector has not met: its first connection waits to be asked for the token.
+beforeEach(() => forgetEndpoints())
 afterEach(() => local.setFaults({}))
 afterAll(async () => local?.stop())
 
@@ -43,6 +47,22 @@ function recordClientWrites(): { writes: string[]; restore(): void } {
   return { writes, restore: () => spy.mockRestore() }
 }
 
+/** The messages of one client write, by type ('startup' for the StartupMessage), e.g. ['startup', 'p']. */
+function messagesOf(write: string): string[] {
+  const bytes = Buffer.from(write, 'latin1')
+  const types: string[] = []
+  let at = 0
+  if (bytes.length >= 8 && bytes.readUInt32BE(4) === 196608) {
+    types.push('startup')
+    at = bytes.readUInt32BE(0)
+  }
+  for (; at + 5 <= bytes.length; at += 1 + bytes.readUInt32BE(at + 1)) types.push(String.fromCharCode(bytes[at]))
+  return types
+}
+
+/** A Flush message: type H, length 4, nothing else. */
+const FLUSH = 'H\0\0\0\x04'
+
 async function schemaOf(extra: DsqlOptions): Promise<{ schema: string | null; path: string }> {
   const sql = dsql(options({ max: 1, ...extra }))
   try {
@@ -72,16 +92,16 @@ describe('the schema in the StartupMessage', () => {
     expect((await schemaOf({ schema: name })).schema).toBe(name)
   })
 
-  test('is sent as options; no SET goes out; three client writes to the first row', async () => {
+  test('is sent as options; no SET goes out; two client writes to the first row, and Flushes', async () => {
     const recorded = recordClientWrites()
     try {
       expect(await schemaOf({ user: 'appuser' })).toEqual({ schema: 'myschema', path: '"myschema"' })
     } finally {
       recorded.restore()
     }
-    const [startupMessage, password, query, ...after] = recorded.writes
+    const [startupMessage, query, ...after] = recorded.writes.filter((w) => w !== FLUSH)
     expect(startupMessage).toContain('options\0-c search_path="myschema"\0')
-    expect(password[0]).toBe('p')
+    expect(messagesOf(startupMessage)).toEqual(['startup', 'p'])
     expect(query).toContain('select current_schema()')
     expect(recorded.writes.join('')).not.toMatch(/SET search_path/i)
     // Then only postgres.js's Terminate.
@@ -132,9 +152,11 @@ describe('a server that refuses options in the StartupMessage', () => {
       }
       expect(local.stats().accepted - accepted).toBe(3)
       expect(warnings).toHaveLength(1)
-      const [startupMessage, password, query] = recorded.writes
+      // This endpoint asked for the token before: it goes with the StartupMessage now.
+      const [startupMessage, ...rest] = recorded.writes
       expect(startupMessage).not.toContain('options\0')
-      expect(password[0]).toBe('p')
+      expect(messagesOf(startupMessage)).toEqual(['startup', 'p'])
+      const query = rest.find((w) => w !== FLUSH)!
       // The SET and the first query leave in one write.
       expect(query).toMatch(/^Q.{4}SET search_path = "myschema"\0[\s\S]*select current_schema\(\)/)
     } finally {
@@ -168,5 +190,122 @@ describe('the stand-in nagle switch', () => {
     expect((await schemaOf({})).schema).toBe('public')
     await local.setLimits({ nagle: true })
     expect((await schemaOf({})).schema).toBe('public')
+  })
+})
+
+/** postgres.js's first query, in one write: Parse, Describe, Bind, Execute, Sync. */
+const QUERY = ['P', 'D', 'B', 'E', 'S']
+
+/** One new client's select, with the writes its TLS sockets made. */
+async function recordedSelect(extra: DsqlOptions = {}): Promise<string[]> {
+  const recorded = recordClientWrites()
+  try {
+    const sql = dsql(options({ max: 1, ...extra }))
+    try {
+      expect((await sql`select 1 as n`)[0].n).toBe(1)
+    } finally {
+      await sql.end({ timeout: 2 })
+    }
+  } finally {
+    recorded.restore()
+  }
+  return recorded.writes
+}
+
+describe('the token sent with the StartupMessage', () => {
+  test('to a DSQL endpoint name from the first connection, in new clients too; then a Flush per server write until ReadyForQuery', async () => {
+    for (let i = 0; i < 3; i++) {
+      const [opening, ...rest] = await recordedSelect()
+      // Startup and token in one write; the stand-in's TLS 1.3 session tickets (and a password
+      // request that arrives alone) are each answered with a Flush, which asks nothing back;
+      // then the query; then postgres.js's Terminate.
+      expect(messagesOf(opening)).toEqual(['startup', 'p'])
+      expect(rest.filter((w) => w === FLUSH).length).toBeGreaterThanOrEqual(1)
+      expect(rest.filter((w) => w !== FLUSH).map(messagesOf)).toEqual([QUERY, ['X']])
+    }
+  })
+
+  test('to any other endpoint name only once it asked for a cleartext password, per user; never after two failures', () => {
+    const proxy = resolveConfig({ host: 'proxy.example.com', region: 'us-east-1', hostaddr: '127.0.0.1' })
+    const cluster = resolveConfig({ host: local.host, hostaddr: local.hostaddr, port: local.port })
+    expect(sendsTokenEarly(cluster, 'admin')).toBe(true)
+    expect(sendsTokenEarly(proxy, 'admin')).toBe(false)
+    learnAuth(proxy, 'admin', 'cleartext')
+    expect(sendsTokenEarly(proxy, 'admin')).toBe(true)
+    expect(sendsTokenEarly(proxy, 'appuser')).toBe(false)
+    expect(sendsTokenEarly({ ...proxy, port: 5433 }, 'admin')).toBe(false)
+    learnAuth(proxy, 'admin', 'early token failed')
+    expect(sendsTokenEarly(proxy, 'admin')).toBe(false)
+    learnAuth(proxy, 'admin', 'cleartext')
+    expect(sendsTokenEarly(proxy, 'admin')).toBe(true)
+    learnAuth(proxy, 'admin', 'early token failed')
+    learnAuth(proxy, 'admin', 'cleartext')
+    expect(sendsTokenEarly(proxy, 'admin')).toBe(false)
+    // A DSQL name that asked for something else is not sent the token unasked either.
+    learnAuth(cluster, 'admin', 'other')
+    expect(sendsTokenEarly(cluster, 'admin')).toBe(false)
+  })
+
+  for (const authMethod of ['md5', 'sasl'] as const)
+    test(`a server that now asks for ${authMethod}: one more connection that waits, then the typed error; never sent unasked again until asked`, async () => {
+      local.setFaults({ authMethod })
+      const accepted = local.stats().accepted
+      const recorded = recordClientWrites()
+      const sql = dsql(options({ max: 1 }))
+      try {
+        const err = await sql`select 1`.catch((e: unknown) => e)
+        expect(err).toBeInstanceOf(DsqlConnectionError)
+        expect((err as Error).message).toMatch(new RegExp(`asked for authentication method ${authMethod === 'md5' ? 5 : 10}; DSQL uses a cleartext IAM token`))
+      } finally {
+        recorded.restore()
+        await sql.end({ timeout: 2 })
+      }
+      // The unasked token went once; the retry waited, was asked for another method, and sent nothing more.
+      expect(local.stats().accepted - accepted).toBe(2)
+      expect(recorded.writes.filter((w) => w !== FLUSH).map(messagesOf)).toEqual([['startup', 'p'], ['startup']])
+
+      local.setFaults({})
+      expect(messagesOf((await recordedSelect())[0])).toEqual(['startup'])
+      expect(messagesOf((await recordedSelect())[0])).toEqual(['startup', 'p'])
+    })
+
+  test('a server that refuses an unasked token: the connection is opened again at once, waiting; after two refusals never again', async () => {
+    await recordedSelect()
+    local.setFaults({ refuseEarlyPassword: true })
+    const opened = async () => {
+      const accepted = local.stats().accepted
+      const writes = await recordedSelect()
+      return { connections: local.stats().accepted - accepted, opening: writes.filter((w) => messagesOf(w)[0] === 'startup').map(messagesOf) }
+    }
+    expect(await opened()).toEqual({ connections: 2, opening: [['startup', 'p'], ['startup']] })
+    expect(await opened()).toEqual({ connections: 2, opening: [['startup', 'p'], ['startup']] })
+    expect(await opened()).toEqual({ connections: 1, opening: [['startup']] })
+    local.setFaults({})
+    expect(await opened()).toEqual({ connections: 1, opening: [['startup']] })
+  })
+
+  test('a server that drops an unasked token and asks for it: the connection is opened again at once, waiting', async () => {
+    local.setFaults({ dropEarlyPassword: true })
+    const accepted = local.stats().accepted
+    const started = Date.now()
+    const writes = await recordedSelect()
+    // The Flush that answers the password request arrives where the token was expected: the server
+    // refuses it at once (the 10 s wait for an answer is only the backstop).
+    expect(writes.filter((w) => messagesOf(w)[0] === 'startup').map(messagesOf)).toEqual([['startup', 'p'], ['startup']])
+    expect(local.stats().accepted - accepted).toBe(2)
+    expect(Date.now() - started).toBeLessThan(8000)
+  })
+
+  test('a wrong token sent unasked fails as when asked: DsqlTokenError, no second connection', async () => {
+    await recordedSelect()
+    const accepted = local.stats().accepted
+    const wrong = { accessKeyId: local.credentials.accessKeyId, secretAccessKey: 'not-the-secret' }
+    const sql = dsql(options({ max: 1, credentials: wrong }))
+    try {
+      await expect(sql`select 1`).rejects.toMatchObject({ name: 'DsqlTokenError' })
+    } finally {
+      await sql.end({ timeout: 2 })
+    }
+    expect(local.stats().accepted - accepted).toBe(1)
   })
 })

@@ -1,9 +1,11 @@
 /**
  * `npm run bench`: postgres-dsql against what a user would pick instead, side by side in one run,
  * through the local DSQL stand-in on loopback with simulated round-trip latency. Writes
- * bench/results.md and bench/connect.svg. Nothing here is a test: ratios within a run count.
+ * bench/results.md and bench/connect.svg (under bench/wan.py: results-wan.md, connect-wan.svg).
+ * Nothing here is a test: ratios within a run count.
  *
  *   npm run bench -- --n 50 --latency 20 --seconds 10 --rounds 20 --storm 200 --storm-rounds 3
+ *   sudo python3 bench/wan.py --rtt 20 -- npm run bench -- --n 30    (packets delayed, ACKs too)
  */
 import { writeFileSync } from 'node:fs'
 import { join } from 'node:path'
@@ -31,7 +33,14 @@ const { values: args } = parseArgs({
   },
 })
 const N = positive('n')
-const RTT = positive('latency')
+/**
+ * Under bench/wan.py the link delays every packet, ACKs included (faithful for Nagle and delayed
+ * ACKs), and the stand-in adds none; its round trip replaces --latency, and nothing runs at 0 ms.
+ */
+const WAN_RTT = process.env.WAN_RTT_MS ? Number(process.env.WAN_RTT_MS) : undefined
+const RTT = WAN_RTT ?? positive('latency')
+/** What the stand-in adds on top of the network for a round trip of `ms`. */
+const added = (ms: number) => (WAN_RTT === undefined ? ms : 0)
 const SECONDS = positive('seconds')
 const ROUNDS = positive('rounds')
 const STORM = positive('storm')
@@ -68,12 +77,12 @@ async function measureConnect(standIn: StandIn): Promise<ConnectRow[]> {
   const target = standIn.target
   const signer = new DsqlSigner({ hostname: target.host, region: target.region, credentials: target.credentials })
   const design: Record<string, string> = {
-    ours: 'TLS 1 + startup 1 + token 1 + query 1 (schema in the startup message) = 4',
+    ours: 'TLS 1 + startup with token 1 + query 1 = 3 (token unasked: a DSQL endpoint name; schema in the startup message)',
     byhand: 'SSLRequest 1 + TLS 1 + startup 1 + token 1 + pg_type fetch + query 1',
     official: 'SSLRequest 1 + TLS 1 + startup 1 + token 1 + query 1 = 5 (no schema selected)',
-    'ours-noschema': 'TLS 1 + startup 1 + token 1 + query 1 = 4',
+    'ours-noschema': 'TLS 1 + startup with token 1 + query 1 = 3',
     'byhand-tuned': 'TLS 1 + startup 1 + token 1 + query 1 = 4 (no schema, no array types)',
-    'ours-websocket': 'TLS 1 + HTTP upgrade 1 + startup 1 + token 1 + query 1 = 5',
+    'ours-websocket': 'TLS 1 + HTTP upgrade 1 + startup with token 1 + query 1 = 4',
     floor: 'TLS 1 + startup 1 + token 1 + query 1 = 4',
     'floor-eager': 'TLS 1 + startup with token 1 + query 1 = 3',
   }
@@ -89,8 +98,9 @@ async function measureConnect(standIn: StandIn): Promise<ConnectRow[]> {
   ]
   const rows: ConnectRow[] = entries.map(({ key, label }) => ({ key, label, design: design[key], samples: new Map(), nagle: [] }))
   // Last, the same latency against a server that leaves Nagle's algorithm on (no TCP_NODELAY).
-  for (const [latency, nagle] of [[0, false], [RTT, false], [RTT, true]] as const) {
-    await standIn.setLatency(latency, nagle)
+  const settings: [number, boolean][] = WAN_RTT === undefined ? [[0, false], [RTT, false], [RTT, true]] : [[RTT, false], [RTT, true]]
+  for (const [latency, nagle] of settings) {
+    await standIn.setLatency(added(latency), nagle)
     log(`connect at ${latency} ms${nagle ? ', Nagle server' : ''}: ${N} per contender`)
     for (const entry of entries) for (let i = 0; i < 3; i++) await entry.once() // warm-up: modules, JIT, TLS contexts
     const samples = entries.map(() => [] as number[])
@@ -117,7 +127,7 @@ async function settle(standIn: StandIn): Promise<void> {
 }
 
 async function measureStorm(standIn: StandIn): Promise<StormRow[]> {
-  await standIn.setLatency(RTT)
+  await standIn.setLatency(added(RTT))
   const rows: StormRow[] = stormContenders.map((c) => ({ label: c.label, runs: [] }))
   for (let round = 0; round < STORM_ROUNDS; round++) {
     for (const j of rotate([...stormContenders.keys()], round)) {
@@ -240,7 +250,7 @@ async function measureCosts(target: Target): Promise<CostRow[]> {
 }
 
 async function main(): Promise<void> {
-  const command = `ts-node bench/bench.ts ${process.argv.slice(2).join(' ')}`.trim()
+  const command = `${WAN_RTT === undefined ? '' : `python3 bench/wan.py --rtt ${WAN_RTT} -- `}ts-node bench/bench.ts ${process.argv.slice(2).join(' ')}`.trim()
   log('starting the stand-in (cold, then warm)')
   const standIn = await startStandIn()
   let results: Results
@@ -258,15 +268,18 @@ async function main(): Promise<void> {
       steady: { pool: POOL, seconds: SECONDS, rounds: ROUNDS, rows: steady },
       costs,
       startup: standIn.startup,
+      wan: WAN_RTT !== undefined,
     }
   } finally {
     await standIn.stop()
   }
   const text = markdown(results)
-  writeFileSync(join(__dirname, 'results.md'), text)
-  writeFileSync(join(__dirname, 'connect.svg'), connectSvg(results))
+  // Under wan.py, beside the default run's files: both are worth keeping.
+  const [md, svg] = WAN_RTT === undefined ? ['results.md', 'connect.svg'] : ['results-wan.md', 'connect-wan.svg']
+  writeFileSync(join(__dirname, md), text)
+  writeFileSync(join(__dirname, svg), connectSvg(results))
   process.stdout.write(text)
-  log('wrote bench/results.md and bench/connect.svg')
+  log(`wrote bench/${md} and bench/${svg}`)
 }
 
 main().catch((err: unknown) => {

@@ -50,7 +50,7 @@ const OPTIONS: LocalDsqlOptions = {
 const CALL_TIMEOUT_MS = 30_000
 
 export async function startStandIn(): Promise<StandIn> {
-  const child = forkTs(__filename, ['--child'])
+  const child = forkTs(__filename, ['--child'], {}, true)
   const hello = await firstMessage<Hello>(child, 120_000, 'stand-in process')
   if ('error' in hello) throw new Error(`stand-in did not start: ${hello.error}`)
   const call = rpc(child)

@@ -25,10 +25,16 @@ export function percentile(values: number[], p: number): number {
 
 export const median = (values: number[]) => percentile(values, 50)
 
-/** Runs a TypeScript file of this folder in a child process (transpile only: the parent was type-checked). */
-export function forkTs(file: string, args: string[], env: Record<string, string> = {}): ChildProcess {
+/**
+ * Runs a TypeScript file of this folder in a child process (transpile only: the parent was
+ * type-checked). `serverSide`: under bench/wan.py, in the network namespace at the far end of the
+ * simulated link (the stand-in's side).
+ */
+export function forkTs(file: string, args: string[], env: Record<string, string> = {}, serverSide = false): ChildProcess {
+  const netns = serverSide ? process.env.WAN_SERVER_NETNS : undefined
   return fork(file, args, {
-    execArgv: ['-r', require.resolve('ts-node/register/transpile-only')],
+    ...(netns && { execPath: 'nsenter' }),
+    execArgv: [...(netns ? [`--net=${netns}`, '--', process.execPath] : []), '-r', require.resolve('ts-node/register/transpile-only')],
     env: { ...process.env, ...env },
     stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
   })

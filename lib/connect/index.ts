@@ -8,7 +8,7 @@ import { dial, isUnreachable, NoDirectTls, socketError, where } from './dial'
 import { Handover, type Session } from './handover'
 import { Hosts } from './hosts'
 import * as wire from '../wire'
-import { SchemaOptionRefused, startup, type OnConnect, type PgSocketOptions } from './startup'
+import { EarlyTokenRefused, SchemaOptionRefused, startup, type OnConnect, type PgSocketOptions } from './startup'
 
 export type { PgSocketOptions } from './startup'
 
@@ -76,6 +76,10 @@ export function connector(config: DsqlConfig, mintFor: (endpoint: DsqlConfig) =>
             // Servers before PostgreSQL 17 (and proxies) read a ClientHello as a broken startup packet.
             if (state.negotiation === 'direct') logger?.warn?.('dsql: the server does not speak direct TLS; using SSLRequest from now on', { host: current.host })
             state.negotiation = 'postgres'
+            continue
+          }
+          if (error instanceof EarlyTokenRefused) {
+            logger?.debug?.('dsql: the token sent with the startup message was not taken; waiting to be asked', { host: current.host, message: error.message })
             continue
           }
           if (error instanceof SchemaOptionRefused && inStartup) {

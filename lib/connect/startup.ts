@@ -21,6 +21,67 @@ export type OnConnect = (session: DsqlSession) => void | Promise<void>
  */
 export class SchemaOptionRefused extends DsqlConnectionError {}
 
+/**
+ * A connection that sent the token unasked (see `sendsTokenEarly`) did not go as a cleartext
+ * exchange: the server asked for another method, refused, closed, or did not answer. The caller
+ * opens a new connection at once that waits for the server's request, as every driver does.
+ */
+export class EarlyTokenRefused extends DsqlConnectionError {}
+
+/**
+ * What connections learned about each endpoint (address, server name, port, transport, user):
+ * whether the server asked for a cleartext password last time, and how many connections that
+ * sent it the token unasked failed. Process-wide, so that a new client (a new dsql(), a Lambda
+ * invocation) gains too; bounded.
+ */
+const endpoints = new Map<string, { cleartext: boolean; failures: number }>()
+const MAX_KNOWN = 1000
+const MAX_EARLY_FAILURES = 2
+/** With the token sent unasked and the request received, silence this long means the token was lost. */
+const EARLY_ANSWER_MS = 10_000
+
+const endpointKey = (config: DsqlConfig, user: string) => [config.hostaddr, config.port, config.host, config.transport, user].join('\0')
+
+/**
+ * Whether a connection sends the token with the StartupMessage, before the server asks for it
+ * (one round trip less). DSQL always asks for a cleartext token: so an endpoint whose name is a
+ * DSQL cluster's (its certificate verified before anything is sent) gets it from the first
+ * connection, and any other endpoint once it asked for a cleartext password. Never after two
+ * such connections failed, or when the last one asked for something else.
+ */
+export function sendsTokenEarly(config: DsqlConfig, user: string): boolean {
+  const known = endpoints.get(endpointKey(config, user))
+  if (known) return known.cleartext && known.failures < MAX_EARLY_FAILURES
+  return config.clusterId !== undefined
+}
+
+/** Records what a connection to the endpoint learned: the method the server asked for, or an unasked token's failure. */
+export function learnAuth(config: DsqlConfig, user: string, outcome: 'cleartext' | 'other' | 'early token failed'): void {
+  const key = endpointKey(config, user)
+  const known = endpoints.get(key) ?? { cleartext: false, failures: 0 }
+  known.cleartext = outcome === 'cleartext'
+  if (outcome === 'early token failed') known.failures++
+  endpoints.delete(key)
+  endpoints.set(key, known)
+  if (endpoints.size > MAX_KNOWN) endpoints.delete(endpoints.keys().next().value as string)
+}
+
+/** Tests: every endpoint is new again. */
+export function forgetEndpoints(): void {
+  endpoints.clear()
+}
+
+/**
+ * Flush: asks nothing, and is answered with nothing; it only carries TCP's ACK. A server that
+ * leaves Nagle on holds a small write while its previous one is unacknowledged, and a client that
+ * has nothing to send acknowledges late (Linux: a delayed ACK, 40 ms or more, plus its way back).
+ * During startup the server writes more than once per client message: TLS 1.3 session tickets
+ * before the password request, the request before the authentication answer (an early token),
+ * AuthenticationOk before the rest (PostgreSQL flushes it alone). Once the token is sent, each
+ * such arrival is answered with a Flush, so that the next write leaves at once.
+ */
+const FLUSH = Buffer.from([0x48, 0, 0, 0, 4])
+
 export interface Started {
   /**
    * What postgres.js is to read first, as if from a fresh server: the startup answer
@@ -52,9 +113,27 @@ export async function startup(
   // In the StartupMessage the schema costs nothing: a SET would add a reply that, split from the
   // first query's, waits on a delayed ACK at a server that leaves Nagle on.
   const inStartup = schemaInStartup && config.schema !== false
+  const early = sendsTokenEarly(config, pg.user)
   try {
-    stream.write(wire.startupMessage(startupParams(pg, inStartup ? config.schema : false)))
-    const { replay, parameters } = await authenticate(reader, stream, token, config, inStartup)
+    const startupMessage = wire.startupMessage(startupParams(pg, inStartup ? config.schema : false))
+    if (!early) stream.write(startupMessage)
+    else {
+      // One write: the token leaves with the StartupMessage, in one TLS record and TCP segment.
+      stream.write(Buffer.concat([startupMessage, wire.passwordMessage(await reader.guard(token))]))
+      reader.ackArrivals()
+    }
+    const { replay, parameters, askedCleartext } = await authenticate(reader, stream, token, config, inStartup, early).catch((err: unknown) => {
+      if (!early || tokenOrQuota(err) || err instanceof SchemaOptionRefused) throw err
+      // Whatever else went wrong, it may be the unasked token: the next connection waits to be asked.
+      learnAuth(config, pg.user, 'early token failed')
+      if (err instanceof DsqlConnectionError && err.code === 'CONNECT_TIMEOUT') throw err
+      const said = err instanceof Error ? err.message : String(err)
+      throw new EarlyTokenRefused(`${where(config)} did not take the IAM token sent with the startup message (${said}); trying again, waiting to be asked.`, {
+        retryable: false,
+        cause: err,
+      })
+    })
+    learnAuth(config, pg.user, askedCleartext ? 'cleartext' : 'other')
     const setSchema = config.schema === false || inStartup ? null : `SET search_path = ${wire.quoteIdentifier(config.schema)}`
     if (!onconnect) return { replay, rest: reader.detach(), pipelined: setSchema }
     const session: DsqlSession = { query: (sql) => reader.query(sql), parameters }
@@ -71,6 +150,11 @@ export async function startup(
   } finally {
     reader.detach()
   }
+}
+
+/** Refusals that have nothing to do with when the token was sent: a new connection would meet them again. */
+function tokenOrQuota(err: unknown): boolean {
+  return err instanceof DsqlTokenError || err instanceof DsqlTlsError || (err instanceof DsqlConnectionError && (err.sqlstate === '53300' || err.sqlstate === '53400'))
 }
 
 /** ReadyForQuery: 'Z', int32 5, status byte. */
@@ -105,11 +189,13 @@ const escapeOption = (value: string) => value.replace(/[\\\s]/g, (c) => `\\${c}`
 /** Refusals that may be about `options` (not the token, not a quota): worth a try with a SET instead. */
 const OPTION_REFUSAL = /option|search_path|parameter|setting/i
 
-async function authenticate(reader: Reader, stream: Duplex, token: Promise<string>, config: DsqlConfig, sentOptions: boolean) {
+async function authenticate(reader: Reader, stream: Duplex, token: Promise<string>, config: DsqlConfig, sentOptions: boolean, sentToken: boolean) {
   const replay: Buffer[] = []
   const parameters: Record<string, string> = {}
+  let askedCleartext = false
   for (;;) {
-    const message = await reader.next()
+    // Asked after the token went unasked: a server that dropped it would wait for it forever.
+    const message = await (sentToken && askedCleartext ? reader.next(EARLY_ANSWER_MS) : reader.next())
     const type = String.fromCharCode(message[0])
     if (type === 'E') {
       const fields = wire.errorFields(message)
@@ -120,8 +206,13 @@ async function authenticate(reader: Reader, stream: Duplex, token: Promise<strin
     }
     if (type === 'R') {
       const code = wire.authCode(message)
-      if (code === 3) stream.write(wire.passwordMessage(await reader.guard(token)))
-      else if (code !== 0) throw new DsqlConnectionError(`The server asked for authentication method ${code}; DSQL uses a cleartext IAM token.`, { retryable: false })
+      if (code === 3) {
+        askedCleartext = true
+        if (!sentToken) {
+          stream.write(wire.passwordMessage(await reader.guard(token)))
+          reader.ackArrivals()
+        }
+      } else if (code !== 0) throw new DsqlConnectionError(`The server asked for authentication method ${code}; DSQL uses a cleartext IAM token.`, { retryable: false })
       else replay.push(message)
       continue
     }
@@ -130,7 +221,7 @@ async function authenticate(reader: Reader, stream: Duplex, token: Promise<strin
       parameters[name] = value
     }
     replay.push(message)
-    if (type === 'Z') return { replay: Buffer.concat(replay), parameters }
+    if (type === 'Z') return { replay: Buffer.concat(replay), parameters, askedCleartext }
   }
 }
 
@@ -171,6 +262,10 @@ class Reader {
   readonly failed: Promise<never>
   private rejectFailed: (error: Error) => void = () => undefined
 
+  /** Flushes answer what arrives (see FLUSH): 'on' from the token to the startup's ReadyForQuery. */
+  private acking: 'off' | 'on' | 'done' = 'off'
+  private ackScheduled = false
+
   constructor(
     private stream: Duplex,
     deadline: number,
@@ -179,6 +274,8 @@ class Reader {
     this.failed = new Promise<never>((_, reject) => (this.rejectFailed = reject))
     this.failed.catch(() => undefined)
     stream.on('data', this.onData)
+    // TLS 1.3 session tickets arrive without data: a TLSSocket says so with 'session'.
+    stream.on('session', this.ack)
     stream.on('error', this.onError)
     stream.on('close', this.onClose)
     this.timer = setTimeout(() => {
@@ -187,11 +284,18 @@ class Reader {
     }, Math.max(0, deadline - Date.now()))
   }
 
-  next(): Promise<Buffer> {
+  /** The next message; with `withinMs`, a rejection if none comes that soon. */
+  next(withinMs?: number): Promise<Buffer> {
     const message = this.queue.shift()
     if (message) return Promise.resolve(message)
     if (this.failure) return Promise.reject(this.failure)
-    return new Promise((resolve, reject) => (this.waiting = { resolve, reject }))
+    const next = new Promise<Buffer>((resolve, reject) => (this.waiting = { resolve, reject }))
+    if (withinMs === undefined) return next
+    let timer: NodeJS.Timeout | undefined
+    const silence = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new DsqlConnectionError(`no answer ${withinMs / 1000}s after the password request`, { retryable: true })), withinMs)
+    })
+    return Promise.race([next, silence]).finally(() => clearTimeout(timer))
   }
 
   /** Races `work` against the session failing or timing out. */
@@ -237,6 +341,23 @@ class Reader {
     }
   }
 
+  /** The token is sent: from now until ReadyForQuery, every arrival is answered with a Flush. */
+  ackArrivals(): void {
+    if (this.acking === 'off') this.acking = 'on'
+  }
+
+  // A tick later: 'session' is emitted inside OpenSSL's read of the ticket, and a write from there
+  // breaks the record sequence (the server fails with bad_record_mac). Arrivals of one tick are
+  // answered once, and not at all when they completed the startup.
+  private ack = () => {
+    if (this.acking !== 'on' || this.ackScheduled) return
+    this.ackScheduled = true
+    setImmediate(() => {
+      this.ackScheduled = false
+      if (this.acking === 'on' && !this.detached && !this.stream.destroyed) this.stream.write(FLUSH)
+    })
+  }
+
   /** Stops reading (idempotent); returns the bytes read but not consumed, in order. */
   detach(): Buffer {
     if (this.detached) return Buffer.alloc(0)
@@ -244,6 +365,7 @@ class Reader {
     clearTimeout(this.timer)
     this.stream.pause()
     this.stream.removeListener('data', this.onData)
+    this.stream.removeListener('session', this.ack)
     this.stream.removeListener('error', this.onError)
     this.stream.removeListener('close', this.onClose)
     const rest = Buffer.concat([...this.queue, this.frames.rest()])
@@ -253,12 +375,14 @@ class Reader {
 
   private onData = (chunk: Buffer) => {
     for (const message of this.frames.push(chunk)) {
+      if (message[0] === 0x5a) this.acking = 'done'
       if (this.waiting) {
         const { resolve } = this.waiting
         this.waiting = null
         resolve(message)
       } else this.queue.push(message)
     }
+    this.ack()
   }
 
   private onError = (err: Error) =>

@@ -20,12 +20,19 @@ import { acceptWebSocket } from './websocket'
  * ReadyForQuery, send a NoticeResponse and a ParameterStatus (dsql_local_fault = after-ready),
  * 'coalesced' in the same write, or 'split' in two writes a moment apart, cut mid-message.
  * refuseOptions: refuse a StartupMessage that has an `options` parameter, as a proxy that does
- * not know it would (PgBouncer: 08P01 unsupported startup parameter: options).
+ * not know it would (PgBouncer: 08P01 unsupported startup parameter: options). authMethod and
+ * refuseEarlyPassword: a server that is not (or no longer) a cleartext-token endpoint.
  */
 export interface GatewayFaults {
   closeAt?: 'accept' | 'startup' | 'password'
   afterReady?: 'coalesced' | 'split'
   refuseOptions?: boolean
+  /** Ask for MD5 or SASL (SCRAM) instead of a cleartext password, and refuse whatever comes back. */
+  authMethod?: 'md5' | 'sasl'
+  /** Refuse a password that arrived before it was asked for (with the StartupMessage), as a strict front end might. */
+  refuseEarlyPassword?: boolean
+  /** Drop whatever arrived with the StartupMessage and ask for the password anyway, as a front end that reads the startup apart might. */
+  dropEarlyPassword?: boolean
 }
 
 export const LOOPBACK = '127.0.0.1'

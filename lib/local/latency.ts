@@ -2,6 +2,11 @@
  * Simulated distance to a region: a Duplex between the raw TCP socket and everything above it
  * (negotiation, TLS, relay) that holds every chunk for half the round trip in each direction.
  * Because it sits below TLS, the handshake pays the latency too, as it would over a WAN.
+ *
+ * It sits above TCP, though: the kernels see a loopback without delay. TCP's handshake is free,
+ * and ACKs are not delayed, so with `nagle` a held segment leaves as soon as the client's ACK is
+ * sent and arrives at once: each hold looks a round trip shorter than over a network. The bench's
+ * bench/wan.py delays packets instead (ACKs too) where that matters.
  */
 import { Duplex } from 'node:stream'
 import type { Socket } from 'node:net'

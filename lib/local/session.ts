@@ -137,6 +137,11 @@ export async function serve(connection: ClientConnection, context: GatewayContex
   const refusal = admission(connection, params, context)
   if (refusal) return refuse(connection, secured, context, refusal)
 
+  if (faults.authMethod) return otherAuthMethod(connection, secured, context, faults.authMethod, params.user)
+  // Bytes already here were sent before the request: a password the client did not wait for.
+  if (faults.refuseEarlyPassword && secured.readableLength > 0)
+    return refuse(connection, secured, context, { severity: 'FATAL', code: '08P01', message: 'unexpected data before the password request' })
+  if (faults.dropEarlyPassword && secured.readableLength > 0) secured.read()
   secured.write(authenticationCleartextPassword())
   const password = await readMessage(secured, MAX_PASSWORD_LENGTH)
   if (faults.closeAt === 'password') return connection.destroy()
@@ -228,6 +233,13 @@ async function readStartup(secured: Secured): Promise<Startup | ErrorFields> {
   if (code >>> 16 !== 3)
     return { severity: 'FATAL', code: '0A000', message: `unsupported frontend protocol ${code >>> 16}.${code & 0xffff}: server supports 3.0` }
   return { kind: 'startup', params: parseStartupParameters(body) }
+}
+
+/** A server that asks for MD5 (salt) or SCRAM (SASL mechanisms), reads the answer, and refuses it, as PostgreSQL would a token. */
+async function otherAuthMethod(connection: ClientConnection, secured: Secured, context: GatewayContext, method: 'md5' | 'sasl', user: string): Promise<void> {
+  secured.write(method === 'md5' ? encodeMessage('R', Buffer.from([0, 0, 0, 5, 1, 2, 3, 4])) : encodeMessage('R', Buffer.from('\0\0\0\x0aSCRAM-SHA-256\0\0', 'latin1')))
+  await readMessage(secured, MAX_PASSWORD_LENGTH)
+  refuse(connection, secured, context, { severity: 'FATAL', code: '28P01', message: `password authentication failed for user "${user}"` })
 }
 
 /** The checks DSQL makes before asking for the token. */
