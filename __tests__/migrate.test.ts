@@ -10,6 +10,7 @@ import { join } from 'node:path'
 import { dsql, DsqlConfigError, type DsqlSql } from '../lib'
 import { startLocalDsql, type LocalDsql } from '../lib/local'
 import { check, migrate, plan, MigrationError } from '../lib/migrate'
+import { isAtomic } from '../lib/migrate/apply'
 import { readMigrations, splitSql } from '../lib/migrate/files'
 import { DEFAULT_LEDGER_SCHEMA, Ledger } from '../lib/migrate/ledger'
 
@@ -66,6 +67,21 @@ describe('splitting', () => {
       [9, 'SELECT 4'],
     ])
     expect(statements[2].text.endsWith('SELECT 3;\nEND')).toBe(true)
+  })
+})
+
+describe('what shares a transaction with its ledger row', () => {
+  test('DML and blocks of DML do; DDL, SET, CALL, SELECT ... INTO and a block that rolls back do not', () => {
+    const units = (text: string) => {
+      const dir = migrations({ 'kind.sql': text })
+      return readMigrations(dir)[0].units.map(isAtomic)
+    }
+    expect(units("INSERT INTO t VALUES (1);\nUPDATE t SET n = 2;\nDELETE FROM t;\nSELECT 1;\nWITH x AS (SELECT 1) INSERT INTO t SELECT * FROM x;\nBEGIN;\nINSERT INTO t VALUES (1);\nUPDATE t SET n = 3;\nCOMMIT;\n")).toEqual(
+      [true, true, true, true, true, true],
+    )
+    expect(
+      units('CREATE TABLE t (n int);\nSET search_path = s;\nCALL sys.wait_for_job(\'x\');\nSELECT * INTO u FROM t;\nBEGIN;\nCREATE TABLE v (n int);\nCOMMIT;\nBEGIN;\nINSERT INTO t VALUES (1);\nROLLBACK;\nCOMMENT ON TABLE t IS \'x\';\n'),
+    ).toEqual([false, false, false, false, false, false, false])
   })
 })
 
@@ -134,6 +150,13 @@ describe('applying', () => {
     migrations({ 'block_1.sql': 'CREATE TABLE block_t (n int);\nBEGIN;\nINSERT INTO block_t VALUES (1);\nINSERT INTO block_t VALUES (2 / 1);\nCOMMIT;\n' }, dir)
     await expect(migrate(sql, { dir })).resolves.toEqual({ applied: ['block_1.sql'] })
     expect(await sql`select n from block_t order by n`).toEqual([{ n: 1 }, { n: 2 }])
+  })
+
+  test('a BEGIN ... COMMIT block holding one DDL runs as one transaction, and its index job is waited for', async () => {
+    const dir = migrations({ 'ddlblock_1.sql': 'CREATE TABLE ddlblock_t (n int);\nBEGIN;\nCREATE INDEX ASYNC ddlblock_by_n ON ddlblock_t (n);\nCOMMIT;\nSELECT 1;\n' })
+    await expect(migrate(sql, { dir })).resolves.toEqual({ applied: ['ddlblock_1.sql'] })
+    expect(await sql`select status from sys.jobs where object_name = 'ddlblock_by_n'`).toEqual([{ status: 'completed' }])
+    expect(await ledger('ddlblock_')).toEqual([1, 2, 3].map((statement) => ({ file: 'ddlblock_1.sql', statement, state: 'applied' })))
   })
 
   test('a statement that conflicts with another transaction (OCC) is run again', async () => {
