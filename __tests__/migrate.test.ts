@@ -433,6 +433,30 @@ describe('a lost connection', () => {
     await runner.end({ timeout: 5 })
   }, 120_000)
 
+  test('DML that commits after its answer was lost is recorded by that same commit, and never runs again', async () => {
+    const dir = migrations({ 'aftercommit_1.sql': 'CREATE TABLE aftercommit_t (n int);\nINSERT INTO aftercommit_t SELECT 1 FROM pg_sleep(8);\n' })
+    const runner = dsql({ ...connection(), onnotice: () => undefined })
+    const running = migrate(runner, { dir }).catch((e: unknown) => e)
+    const pid = await backend('%INSERT INTO aftercommit_t SELECT 1 FROM pg_sleep(8)')
+    let err: unknown
+    try {
+      // The client is gone while the server is in the statement: the server finishes the query,
+      // commits it, and only then finds nobody to answer. The runner cannot know it committed.
+      await local.stopGateway()
+      err = await running
+    } finally {
+      await local.startGateway()
+    }
+    expect(err).toMatchObject({ code: 'MIGRATE_CONNECTION_LOST', file: 'aftercommit_1.sql', statement: 2 })
+    for (let i = 0; i < 1200 && (await sql`select 1 from pg_stat_activity where pid = ${pid}`).length; i++) await new Promise((r) => setTimeout(r, 50))
+    expect(await sql`select n from aftercommit_t`).toEqual([{ n: 1 }])
+    // The ledger row committed with it: the next run knows, and does not apply it again.
+    expect(await ledger('aftercommit_')).toEqual([1, 2].map((statement) => ({ file: 'aftercommit_1.sql', statement, state: 'applied' })))
+    await expect(migrate(sql, { dir })).resolves.toEqual({ applied: [] })
+    expect(await sql`select n from aftercommit_t`).toEqual([{ n: 1 }])
+    await runner.end({ timeout: 5 }) // see the test above
+  }, 120_000)
+
   test('DDL lost while it runs keeps its claim, names the way to settle it; the next run refuses and applies nothing until it is settled', async () => {
     const dir = migrations({
       'lostddl_1.sql': 'CREATE TABLE lostddl_t (email text);\nCREATE INDEX ASYNC lostddl_by_email ON lostddl_t (email);\nINSERT INTO lostddl_t VALUES (\'a\');\n',

@@ -280,8 +280,13 @@ async function claim(conn: postgres.Sql, ledger: Ledger, file: string, unit: Uni
 
 /** A claim whose runner is gone: it lost its connection under the statement, or stopped refreshing the claim. */
 function dead(row: LedgerRow, settings: Settings): boolean {
-  return row.state === 'unknown' || row.age > settings.leaseSecs
+  // A DML claim is not refreshed while its transaction runs (on DSQL the refresh would make that
+  // transaction fail its commit), but DSQL ends any transaction after 300 s.
+  return row.state === 'unknown' || row.age > settings.leaseSecs + (row.state === 'claimed' ? TRANSACTION_SECS : 0)
 }
+
+/** DSQL's longest transaction (54000 after it). */
+const TRANSACTION_SECS = 300
 
 /**
  * Before applying anything: the pending statements whose outcome is unknown are settled by the
@@ -327,10 +332,13 @@ function unsettled(ledger: Ledger, claims: { file: string; unit: Unit; row: Ledg
  */
 async function runClaimed(conn: postgres.Sql, ledger: Ledger, file: string, unit: Unit, atomic: boolean, settings: Settings): Promise<boolean> {
   let shared = atomic
-  const stop = keepClaimed(ledger, file, unit.number, settings.leaseSecs)
+  let stop = async (): Promise<void> => undefined
   try {
     if (shared) shared = await runShared(conn, ledger, file, unit, settings)
-    if (!shared) await runWithOccRetry(conn, unit, file, settings)
+    if (!shared) {
+      stop = keepClaimed(ledger, file, unit.number, settings.leaseSecs)
+      await runWithOccRetry(conn, unit, file, settings)
+    }
   } catch (err) {
     await stop()
     if (err instanceof ClaimLost) return false
@@ -349,7 +357,7 @@ async function runClaimed(conn: postgres.Sql, ledger: Ledger, file: string, unit
 /** The unit and its ledger row in one transaction; false when it must run alone after all. */
 async function runShared(conn: postgres.Sql, ledger: Ledger, file: string, unit: Unit, settings: Settings): Promise<boolean> {
   try {
-    await runWithOccRetry(conn, unit, file, settings, ledger.recording(file, unit.number))
+    await runWithOccRetry(conn, unit, file, settings, ledger.recording(file, unit.number), ledger)
     return true
   } catch (err) {
     if (connectionLost(err)) throw err
@@ -419,7 +427,7 @@ function bounded(work: Promise<unknown>, ms = 5_000): Promise<boolean> {
  * A statement that conflicted with another transaction (OCC, 40001: e.g. OC001 when application
  * traffic touches a table during its DDL) did not take effect: run it again, as AWS advises.
  */
-async function runWithOccRetry(conn: postgres.Sql, unit: Unit, file: string, settings: Settings, record?: string[]): Promise<void> {
+async function runWithOccRetry(conn: postgres.Sql, unit: Unit, file: string, settings: Settings, record?: string[], ledger?: Ledger): Promise<void> {
   for (let attempt = 1; ; attempt++) {
     try {
       return await runUnit(conn, unit, file, settings.jobs, record)
@@ -427,6 +435,8 @@ async function runWithOccRetry(conn: postgres.Sql, unit: Unit, file: string, set
       if (attempt >= OCC_ATTEMPTS || err instanceof MigrationError || !isOccError(err)) throw err
       settings.log(`${file}: statement ${unit.number} conflicted with another transaction (${(err as Error).message}); trying again.`)
       await new Promise((resolve) => setTimeout(resolve, Math.min(100 * 2 ** (attempt - 1), 2_000)))
+      // Each attempt is a new transaction: its claim starts a new lease (see dead()).
+      if (record) await ledger?.refresh(file, unit.number)
     }
   }
 }

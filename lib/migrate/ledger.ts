@@ -115,8 +115,16 @@ export class Ledger {
     }
   }
 
+  /** From another connection, while a statement that runs alone runs. */
   heartbeat(file: string, statement: number): Promise<unknown> {
-    return this.pool.unsafe(`UPDATE ${this.table} SET heartbeat = now() WHERE file = $1 AND statement = $2 AND runner = $3 AND state IN ('claimed', 'running')`, [file, statement, this.runner])
+    return this.pool.unsafe(`UPDATE ${this.table} SET heartbeat = now() WHERE file = $1 AND statement = $2 AND runner = $3 AND state = 'running'`, [file, statement, this.runner])
+  }
+
+  /** Renews a DML claim between two attempts of its transaction (on the runner's connection). */
+  refresh(file: string, statement: number): Promise<unknown> {
+    return occRetry(() =>
+      this.conn.unsafe(`UPDATE ${this.table} SET heartbeat = now() WHERE file = $1 AND statement = $2 AND runner = $3 AND state = 'claimed'`, [file, statement, this.runner]),
+    )
   }
 
   markApplied(file: string, statement: number): Promise<unknown> {
