@@ -545,14 +545,20 @@ describe('a lost connection', () => {
     expect(await cli([dir, '--settle', 'settle_0.sql:1=not-applied'], env)).toMatchObject({ code: 1, err: expect.stringContaining('settle_0.sql: statement 1 was applied: there is nothing to settle.') })
     expect(await cli([dir, '--settle', 'settle_1.sql:2=done'], env)).toMatchObject({ code: 2, err: expect.stringContaining('--settle takes FILE:N=applied or FILE:N=not-applied') })
     expect(await cli([dir, '--settle', 'settle_1.sql:2=applied', '--dry-run'], env)).toMatchObject({ code: 2 })
+    // A dead DML claim did not take effect: it cannot be settled as applied (the next run takes it over).
+    migrations({ 'settle_2.sql': 'INSERT INTO settle_t (n) VALUES (7);\n' }, dir)
+    await sql`insert into postgres_dsql_migrate.ledger (file, statement, line, checksum, state, runner, heartbeat)
+              values ('settle_2.sql', 1, 1, ${readMigrations(dir)[1].units[0].checksum}, 'claimed', 'dead-runner', now() - interval '1 hour')`
+    expect(await cli([dir, '--settle', 'settle_2.sql:1=applied'], env)).toMatchObject({ code: 1, err: expect.stringContaining('settle_2.sql: statement 1 is DML, recorded in its own transaction') })
     // Once its runner is gone (its lease ran out), not-applied removes the claim: the next run applies it.
     await sql`update postgres_dsql_migrate.ledger set heartbeat = now() - interval '1 hour' where file = 'settle_1.sql'`
     expect(await cli([dir, '--settle', 'settle_1.sql:2=not-applied'], env)).toEqual({ code: 0, out: 'settle_1.sql: statement 2 settled as not-applied: the next run applies it.\n', err: '' })
     await sql`create table settle_t (n int)`
     await sql`insert into postgres_dsql_migrate.ledger (file, statement, line, checksum, state, runner, heartbeat)
               values ('settle_1.sql', 1, 1, ${readMigrations(dir)[0].units[0].checksum}, 'applied', 'a-runner', now())`
-    await expect(migrate(sql, { dir })).resolves.toEqual({ applied: ['settle_1.sql'] })
+    await expect(migrate(sql, { dir })).resolves.toEqual({ applied: ['settle_1.sql', 'settle_2.sql'] })
     expect(await sql`select column_name from information_schema.columns where table_name = 'settle_t' order by ordinal_position`).toEqual([{ column_name: 'n' }, { column_name: 'm' }])
+    expect(await sql`select n from settle_t`).toEqual([{ n: 7 }])
   })
 })
 

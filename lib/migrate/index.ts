@@ -120,8 +120,14 @@ export async function settle(
   const where = { file, statement }
   if (!row || row.state === 'applied')
     throw new MigrationError('MIGRATE_SETTLE', `${file}: statement ${statement} ${row ? 'was applied' : 'has no claim in the ledger'}: there is nothing to settle.`, where)
-  if (row.state !== 'unknown' && row.age <= settings.leaseSecs)
+  if (!dead(row, settings))
     throw new MigrationError('MIGRATE_SETTLE', `${file}: statement ${statement} is being applied by a runner that reported ${Math.round(row.age)} s ago: let it finish.`, where)
+  if (row.state === 'claimed' && outcome === 'applied')
+    throw new MigrationError(
+      'MIGRATE_SETTLE',
+      `${file}: statement ${statement} is DML, recorded in its own transaction: its runner stopped before it committed, so it did not take effect. The next run applies it; settle it as not-applied only to hurry that.`,
+      where,
+    )
   if (!(await ledger.settle(file, statement, outcome, row.runner)))
     throw new MigrationError('MIGRATE_SETTLE', `${file}: statement ${statement}: another runner changed its claim meanwhile: look again.`, where)
 }

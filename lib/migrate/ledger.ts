@@ -139,7 +139,7 @@ export class Ledger {
 
   /**
    * The statements that record a DML unit in its own transaction: its claim becomes 'applied' as
-   * it commits. A claim no longer this runner's (taken over after its heartbeat failed) fails the
+   * it commits. A claim no longer this runner's (taken over once its lease ran out) fails the
    * first one (division by zero), which rolls the unit back; see owns(). Literals, not
    * parameters: they travel in one simple query with the unit.
    */
@@ -156,7 +156,7 @@ export class Ledger {
 
   /** A DML claim whose statement must run alone after all (too big to share its transaction): it becomes a plain one. */
   demote(file: string, statement: number): Promise<unknown> {
-    return this.conn.unsafe(`UPDATE ${this.table} SET state = 'running' WHERE file = $1 AND statement = $2 AND runner = $3 AND state = 'claimed'`, [file, statement, this.runner])
+    return this.conn.unsafe(`UPDATE ${this.table} SET state = 'running', heartbeat = now() WHERE file = $1 AND statement = $2 AND runner = $3 AND state = 'claimed'`, [file, statement, this.runner])
   }
 
   /** Takes over a dead runner's DML claim (it did not take effect); false when someone else moved first. */
