@@ -32,7 +32,7 @@ export interface MigrateOptions {
   lint?: boolean
   /** Longest wait for one CREATE INDEX ASYNC job. Default 3600. */
   jobTimeoutSecs?: number
-  /** A claim whose runner has not refreshed it for this long belongs to a runner that stopped. Default 60. */
+  /** A claim whose runner has not refreshed it for this long belongs to a runner that stopped (DML: 300 s more). Default 60. */
   leaseSecs?: number
   /** Progress lines (applied files, waits for another runner). */
   log?: (line: string) => void
