@@ -10,6 +10,7 @@ import { join } from 'node:path'
 import { dsql, DsqlConfigError, type DsqlSql } from '../lib'
 import { startLocalDsql, type LocalDsql } from '../lib/local'
 import { check, migrate, plan, MigrationError } from '../lib/migrate'
+import { isAtomic } from '../lib/migrate/apply'
 import { readMigrations, splitSql } from '../lib/migrate/files'
 import { DEFAULT_LEDGER_SCHEMA, Ledger } from '../lib/migrate/ledger'
 
@@ -66,6 +67,21 @@ describe('splitting', () => {
       [9, 'SELECT 4'],
     ])
     expect(statements[2].text.endsWith('SELECT 3;\nEND')).toBe(true)
+  })
+})
+
+describe('what shares a transaction with its ledger row', () => {
+  test('DML and blocks of DML do; DDL, SET, CALL, SELECT ... INTO and a block that rolls back do not', () => {
+    const units = (text: string) => {
+      const dir = migrations({ 'kind.sql': text })
+      return readMigrations(dir)[0].units.map(isAtomic)
+    }
+    expect(units("INSERT INTO t VALUES (1);\nUPDATE t SET n = 2;\nDELETE FROM t;\nSELECT 1;\nWITH x AS (SELECT 1) INSERT INTO t SELECT * FROM x;\nBEGIN;\nINSERT INTO t VALUES (1);\nUPDATE t SET n = 3;\nCOMMIT;\n")).toEqual(
+      [true, true, true, true, true, true],
+    )
+    expect(
+      units('CREATE TABLE t (n int);\nSET search_path = s;\nCALL sys.wait_for_job(\'x\');\nSELECT * INTO u FROM t;\nBEGIN;\nCREATE TABLE v (n int);\nCOMMIT;\nBEGIN;\nINSERT INTO t VALUES (1);\nROLLBACK;\nCOMMENT ON TABLE t IS \'x\';\n'),
+    ).toEqual([false, false, false, false, false, false, false])
   })
 })
 
@@ -134,6 +150,13 @@ describe('applying', () => {
     migrations({ 'block_1.sql': 'CREATE TABLE block_t (n int);\nBEGIN;\nINSERT INTO block_t VALUES (1);\nINSERT INTO block_t VALUES (2 / 1);\nCOMMIT;\n' }, dir)
     await expect(migrate(sql, { dir })).resolves.toEqual({ applied: ['block_1.sql'] })
     expect(await sql`select n from block_t order by n`).toEqual([{ n: 1 }, { n: 2 }])
+  })
+
+  test('a BEGIN ... COMMIT block holding one DDL runs as one transaction, and its index job is waited for', async () => {
+    const dir = migrations({ 'ddlblock_1.sql': 'CREATE TABLE ddlblock_t (n int);\nBEGIN;\nCREATE INDEX ASYNC ddlblock_by_n ON ddlblock_t (n);\nCOMMIT;\nSELECT 1;\n' })
+    await expect(migrate(sql, { dir })).resolves.toEqual({ applied: ['ddlblock_1.sql'] })
+    expect(await sql`select status from sys.jobs where object_name = 'ddlblock_by_n'`).toEqual([{ status: 'completed' }])
+    expect(await ledger('ddlblock_')).toEqual([1, 2, 3].map((statement) => ({ file: 'ddlblock_1.sql', statement, state: 'applied' })))
   })
 
   test('a statement that conflicts with another transaction (OCC) is run again', async () => {
@@ -265,8 +288,8 @@ describe('applying', () => {
 
       // The claim itself: of two runners inserting the same statement's row, one wins.
       const [a, b] = [new Ledger(sql, sql, DEFAULT_LEDGER_SCHEMA, 'runner-a'), new Ledger(other, other, DEFAULT_LEDGER_SCHEMA, 'runner-b')]
-      expect(await a.claim('race_9.sql', 1, 1, 'x')).toBe(true)
-      expect(await b.claim('race_9.sql', 1, 1, 'x')).toBe(false)
+      expect(await a.claim('race_9.sql', 1, 1, 'x', false)).toBe(true)
+      expect(await b.claim('race_9.sql', 1, 1, 'x', true)).toBe(false)
     } finally {
       await other.end()
     }
@@ -312,19 +335,231 @@ describe('applying', () => {
     await expect(running).resolves.toEqual({ applied: ['claim_1.sql'] })
     expect(await sql`select n from claim_t order by n`).toEqual([{ n: 1 }, { n: 2 }])
 
-    // A runner that died mid-statement: its claim's heartbeat is old, the outcome unknown.
-    migrations({ 'claim_2.sql': 'INSERT INTO claim_t VALUES (3);\n' }, dir)
+    // A runner that died while a statement ran alone (not in one transaction with its ledger row):
+    // its claim's heartbeat is old, the outcome unknown. The run refuses before applying anything.
+    migrations({ 'claim_2.sql': 'ALTER TABLE claim_t ADD COLUMN m int;\n', 'claim_3.sql': 'INSERT INTO claim_t VALUES (4);\n' }, dir)
     const stale = readMigrations(dir)[1].units[0].checksum
     await sql`insert into postgres_dsql_migrate.ledger (file, statement, line, checksum, state, runner, heartbeat)
               values ('claim_2.sql', 1, 1, ${stale}, 'running', 'dead-runner', now() - interval '1 hour')`
     const err = await rejection(migrate(sql, { dir }))
-    expect(err).toMatchObject({ code: 'MIGRATE_STALE_CLAIM', file: 'claim_2.sql', statement: 1 })
-    const settle = /run `(DELETE FROM [^`]+)` and migrate again/.exec(err.message)?.[1]
-    expect(settle).toBe(`DELETE FROM "postgres_dsql_migrate".ledger WHERE file = 'claim_2.sql' AND statement = 1`)
+    expect(err).toMatchObject({ code: 'MIGRATE_STALE_CLAIM', file: 'claim_2.sql', statement: 1, line: 1 })
+    expect(err.message).toBe(
+      'claim_2.sql:1: statement 1: it was claimed by a runner that stopped reporting 3600 s ago, so whether it took effect is unknown. Check, then ' +
+        "if it took effect, run `npx postgres-dsql migrate --settle claim_2.sql:1=applied` (or `UPDATE \"postgres_dsql_migrate\".ledger SET state = 'applied' WHERE file = 'claim_2.sql' AND statement = 1`); " +
+        "if it did not, run `npx postgres-dsql migrate --settle claim_2.sql:1=not-applied` (or `DELETE FROM \"postgres_dsql_migrate\".ledger WHERE file = 'claim_2.sql' AND statement = 1`) and migrate again. Nothing was applied.",
+    )
+    expect(await ledger('claim_3')).toEqual([])
+    // It did not take effect (no column m): settled as the message says, the next run applies it.
+    const settle = /`(DELETE FROM [^`]+)`\) and migrate again/.exec(err.message)?.[1]
     await sql.unsafe(settle as string)
-    await expect(migrate(sql, { dir })).resolves.toEqual({ applied: ['claim_2.sql'] })
-    expect(await sql`select n from claim_t order by n`).toEqual([{ n: 1 }, { n: 2 }, { n: 3 }])
+    await expect(migrate(sql, { dir })).resolves.toEqual({ applied: ['claim_2.sql', 'claim_3.sql'] })
+    expect(await sql`select n, m from claim_t order by n`).toEqual([1, 2, 4].map((n) => ({ n, m: null })))
   }, 120_000)
+})
+
+describe('a lost connection', () => {
+  /** The backend running a query like `pattern` for a runner (not this test's own session). */
+  async function backend(pattern: string): Promise<number> {
+    for (let i = 0; i < 1200; i++) {
+      const [row] = await sql<{ pid: number }[]>`select pid from pg_stat_activity where query like ${pattern} and state = 'active' and pid <> pg_backend_pid()`
+      if (row) return row.pid
+      await new Promise((r) => setTimeout(r, 50))
+    }
+    throw new Error(`no backend runs ${pattern}`)
+  }
+
+  test('DML shares its transaction with its ledger row: lost mid-statement, it is not half-recorded, and the next run applies it exactly once', async () => {
+    const dir = migrations({ 'lostdml_1.sql': 'CREATE TABLE lostdml_t (n int);\nINSERT INTO lostdml_t SELECT 1 FROM pg_sleep(600);\nINSERT INTO lostdml_t VALUES (2);\n' })
+    const running = migrate(sql, { dir }).catch((e: unknown) => e)
+    const pid = await backend('%INSERT INTO lostdml_t SELECT 1 FROM pg_sleep(600)')
+    // While the statement runs, its own transaction already holds the ledger row's update.
+    const [locks] = await sql`select count(*)::int as n from pg_locks where pid = ${pid} and relation = 'postgres_dsql_migrate.ledger'::regclass and mode = 'RowExclusiveLock'`
+    expect(locks).toEqual({ n: 1 })
+    expect(await ledger('lostdml_')).toEqual([
+      { file: 'lostdml_1.sql', statement: 1, state: 'applied' },
+      { file: 'lostdml_1.sql', statement: 2, state: 'claimed' },
+    ])
+    // The server ends the session under the statement, as a network failure would.
+    await sql`select pg_terminate_backend(${pid})`
+    const err = (await running) as MigrationError
+    expect(err).toBeInstanceOf(MigrationError)
+    expect(err).toMatchObject({ code: 'MIGRATE_CONNECTION_LOST', file: 'lostdml_1.sql', statement: 2, line: 2 })
+    expect(err.message).toMatch(
+      /^lostdml_1\.sql:2: statement 2: the connection was lost while it ran \(.+\)\. It and its ledger row were one transaction, so it took effect completely or not at all, and the ledger records which: run migrate again/,
+    )
+    // Nothing uncertain is left: the claim is released, the statement had no effect.
+    expect(await ledger('lostdml_')).toEqual([{ file: 'lostdml_1.sql', statement: 1, state: 'applied' }])
+    expect(await sql`select n from lostdml_t`).toEqual([])
+
+    // The rest of the file may still change (here the sleep goes); the next run applies it once.
+    migrations({ 'lostdml_1.sql': 'CREATE TABLE lostdml_t (n int);\nINSERT INTO lostdml_t SELECT 1;\nINSERT INTO lostdml_t VALUES (2);\n' }, dir)
+    await expect(migrate(sql, { dir })).resolves.toEqual({ applied: ['lostdml_1.sql'] })
+    await expect(migrate(sql, { dir })).resolves.toEqual({ applied: [] })
+    expect(await sql`select n from lostdml_t order by n`).toEqual([{ n: 1 }, { n: 2 }])
+  }, 120_000)
+
+  test('an outage under a DML statement: no crash, and once the endpoint answers again its claim is taken over and applied once', async () => {
+    const dir = migrations({ 'outage_1.sql': 'CREATE TABLE outage_t (n int);\nINSERT INTO outage_t SELECT 1 FROM pg_sleep(600);\n' })
+    const runner = dsql({ ...connection(), onnotice: () => undefined })
+    const running = migrate(runner, { dir }).catch((e: unknown) => e)
+    const pid = await backend('%INSERT INTO outage_t SELECT 1 FROM pg_sleep(600)')
+    let err: unknown
+    try {
+      // Every client connection drops (the runner's and the pool's): nothing can be cleaned up now.
+      await local.stopGateway()
+      err = await running
+    } finally {
+      await local.startGateway()
+    }
+    expect(err).toMatchObject({ code: 'MIGRATE_CONNECTION_LOST', file: 'outage_1.sql', statement: 2 })
+    // The server runs the statement on, in its transaction with the ledger's row; here it ends
+    // before committing (rather than when the sleep ends).
+    await sql`select pg_terminate_backend(${pid})`
+    expect(await sql`select n from outage_t`).toEqual([])
+    // Statement 2 is not recorded as applied. Its claim stays while nothing could remove it (it
+    // goes if the endpoint answered again first); a claim whose lease ended is taken over: DML
+    // that did not commit left no trace. The text of a statement not yet applied may change.
+    const [claim] = await sql`select state from postgres_dsql_migrate.ledger where file = 'outage_1.sql' and statement = 2`
+    expect([undefined, { state: 'claimed' }]).toContainEqual(claim)
+    migrations({ 'outage_1.sql': 'CREATE TABLE outage_t (n int);\nINSERT INTO outage_t SELECT 1;\n' }, dir)
+    await sql`update postgres_dsql_migrate.ledger set heartbeat = now() - interval '1 hour' where file = 'outage_1.sql' and statement = 2`
+    const lines: string[] = []
+    await expect(migrate(sql, { dir, log: (l) => lines.push(l) })).resolves.toEqual({ applied: ['outage_1.sql'] })
+    if (claim) expect(lines[0]).toBe('outage_1.sql: statement 2: its runner stopped before it committed; applying it.')
+    expect(await sql`select n from outage_t`).toEqual([{ n: 1 }])
+    // The runner's pool: postgres.js 3.4.9 keeps the query of a reserved connection lost in the
+    // outage once a later connect on that slot failed, and its end() would wait for it (a
+    // lib/connect matter, like the crash release() would cause); a timeout ends it.
+    await runner.end({ timeout: 5 })
+  }, 120_000)
+
+  test('DML that commits after its answer was lost is recorded by that same commit, and never runs again', async () => {
+    const dir = migrations({ 'aftercommit_1.sql': 'CREATE TABLE aftercommit_t (n int);\nINSERT INTO aftercommit_t SELECT 1 FROM pg_sleep(8);\n' })
+    const runner = dsql({ ...connection(), onnotice: () => undefined })
+    const running = migrate(runner, { dir }).catch((e: unknown) => e)
+    const pid = await backend('%INSERT INTO aftercommit_t SELECT 1 FROM pg_sleep(8)')
+    let err: unknown
+    try {
+      // The client is gone while the server is in the statement: the server finishes the query,
+      // commits it, and only then finds nobody to answer. The runner cannot know it committed.
+      await local.stopGateway()
+      err = await running
+    } finally {
+      await local.startGateway()
+    }
+    expect(err).toMatchObject({ code: 'MIGRATE_CONNECTION_LOST', file: 'aftercommit_1.sql', statement: 2 })
+    for (let i = 0; i < 1200 && (await sql`select 1 from pg_stat_activity where pid = ${pid}`).length; i++) await new Promise((r) => setTimeout(r, 50))
+    expect(await sql`select n from aftercommit_t`).toEqual([{ n: 1 }])
+    // The ledger row committed with it: the next run knows, and does not apply it again.
+    expect(await ledger('aftercommit_')).toEqual([1, 2].map((statement) => ({ file: 'aftercommit_1.sql', statement, state: 'applied' })))
+    await expect(migrate(sql, { dir })).resolves.toEqual({ applied: [] })
+    expect(await sql`select n from aftercommit_t`).toEqual([{ n: 1 }])
+    await runner.end({ timeout: 5 }) // see the test above
+  }, 120_000)
+
+  test('DDL lost while it runs keeps its claim, names the way to settle it; the next run refuses and applies nothing until it is settled', async () => {
+    const dir = migrations({
+      'lostddl_1.sql': 'CREATE TABLE lostddl_t (email text);\nCREATE INDEX ASYNC lostddl_by_email ON lostddl_t (email);\nINSERT INTO lostddl_t VALUES (\'a\');\n',
+    })
+    local.holdJobs()
+    let err: MigrationError
+    try {
+      const running = migrate(sql, { dir }).catch((e: unknown) => e)
+      // The index statement committed and returned its job; the runner waits for the job.
+      await sql`select pg_terminate_backend(${await backend('CALL sys.wait_for_job(%')})`
+      err = (await running) as MigrationError
+    } finally {
+      local.releaseJobs()
+    }
+    expect(err).toBeInstanceOf(MigrationError)
+    expect(err).toMatchObject({ code: 'MIGRATE_CONNECTION_LOST', file: 'lostddl_1.sql', statement: 2, line: 2 })
+    const [{ job_id: job }] = await sql<{ job_id: string }[]>`select job_id from sys.jobs where object_name = 'lostddl_by_email'`
+    expect(err.message).toContain(`lostddl_1.sql:2: statement 2: the connection was lost while waiting for its index job ${job} (`)
+    expect(err.message).toContain(
+      `The statement took effect; the job may still be running: \`SELECT status, details FROM sys.jobs WHERE job_id = '${job}'\`. ` +
+        'Once it says completed, settle it as applied; if it failed, drop what it left (DROP INDEX IF EXISTS lostddl_by_email) and settle it as not applied. ' +
+        'Until then migrate goes no further: if it took effect, run `npx postgres-dsql migrate --settle lostddl_1.sql:2=applied`',
+    )
+    expect(await ledger('lostddl_')).toEqual([
+      { file: 'lostddl_1.sql', statement: 1, state: 'applied' },
+      { file: 'lostddl_1.sql', statement: 2, state: 'unknown' },
+    ])
+
+    // The next run (a new file too) refuses at once and applies nothing, not even what comes before.
+    migrations({ 'lostddl_0.sql': 'CREATE TABLE lostddl_early (n int);\n' }, dir)
+    const refused = await rejection(migrate(sql, { dir }))
+    expect(refused).toMatchObject({ code: 'MIGRATE_STALE_CLAIM', file: 'lostddl_1.sql', statement: 2, line: 2 })
+    expect(refused.message).toMatch(/^lostddl_1\.sql:2: statement 2: its runner lost the connection while it ran, so whether it took effect is unknown\. Check, then .*Nothing was applied\.$/s)
+    expect(await sql`select 1 from pg_tables where tablename = 'lostddl_early'`).toEqual([])
+    expect(await sql`select n from lostddl_t`.catch(() => 'no column n')).toBe('no column n')
+
+    // The job completes; settled as applied with the command the message names, the run goes on.
+    await sql`call sys.wait_for_job(${job})`
+    expect(await sql`select status from sys.jobs where job_id = ${job}`).toEqual([{ status: 'completed' }])
+    expect(await cli([dir, '--settle', 'lostddl_1.sql:2=applied'], local.env)).toEqual({ code: 0, out: 'lostddl_1.sql: statement 2 settled as applied.\n', err: '' })
+    await expect(migrate(sql, { dir })).resolves.toEqual({ applied: ['lostddl_0.sql', 'lostddl_1.sql'] })
+    expect(await sql`select email from lostddl_t`).toEqual([{ email: 'a' }])
+    expect(await ledger('lostddl_1')).toEqual([1, 2, 3].map((statement) => ({ file: 'lostddl_1.sql', statement, state: 'applied' })))
+  }, 120_000)
+
+  test('a CREATE TABLE whose outcome was lost is settled by the catalog: recorded when the table exists, applied again when it does not', async () => {
+    const dir = migrations({
+      'catalog_1.sql': 'CREATE TABLE catalog_a (n int);\nINSERT INTO catalog_a VALUES (1);\n',
+      'catalog_2.sql': 'CREATE TABLE IF NOT EXISTS public."Catalog_B" (n int);\nINSERT INTO "Catalog_B" VALUES (2);\n',
+    })
+    await migrate(sql, { dir: migrations({ 'catalog_0.sql': 'SELECT 1;\n' }) })
+    const [a, b] = readMigrations(dir).map((f) => f.units[0].checksum)
+    // Runners that lost the connection under each CREATE TABLE: the first did create its table.
+    await sql`create table catalog_a (n int)`
+    await sql`insert into postgres_dsql_migrate.ledger (file, statement, line, checksum, state, runner, heartbeat) values
+              ('catalog_1.sql', 1, 1, ${a}, 'unknown', 'lost-runner', now()), ('catalog_2.sql', 1, 1, ${b}, 'unknown', 'lost-runner', now())`
+    const lines: string[] = []
+    await expect(migrate(sql, { dir, log: (l) => lines.push(l) })).resolves.toEqual({ applied: ['catalog_1.sql', 'catalog_2.sql'] })
+    expect(lines.slice(0, 2)).toEqual([
+      "catalog_1.sql: statement 1's outcome was unknown (its runner lost the connection); the table it creates exists, so it took effect: recorded as applied.",
+      "catalog_2.sql: statement 1's outcome was unknown (its runner lost the connection); the table it creates does not exist, so it did not take effect: applying it again.",
+    ])
+    expect(await sql`select n from catalog_a`).toEqual([{ n: 1 }])
+    expect(await sql`select n from "Catalog_B"`).toEqual([{ n: 2 }])
+    expect((await ledger('catalog_')).filter((r) => r.file !== 'catalog_0.sql').every((r) => r.state === 'applied')).toBe(true)
+  })
+
+  test('DML too big to share a transaction with its ledger row (DSQL: 3,000 rows) runs alone and is recorded after', async () => {
+    const dir = migrations({ 'big_1.sql': 'CREATE TABLE big_t (n int);\nINSERT INTO big_t SELECT generate_series(1, 3000);\n' })
+    const lines: string[] = []
+    await expect(migrate(sql, { dir, log: (l) => lines.push(l) })).resolves.toEqual({ applied: ['big_1.sql'] })
+    expect(lines[0]).toMatch(/^big_1\.sql: statement 2 does not fit in one transaction with its ledger row \(.*\(?transaction row limit exceeded.*\); running it alone\.$/)
+    expect(await sql`select count(*)::int as n from big_t`).toEqual([{ n: 3000 }])
+    expect(await ledger('big_')).toEqual([1, 2].map((statement) => ({ file: 'big_1.sql', statement, state: 'applied' })))
+  })
+
+  test('--settle refuses what has nothing to settle, a live claim, and a malformed target', async () => {
+    const dir = migrations({ 'settle_1.sql': 'CREATE TABLE settle_t (n int);\nALTER TABLE settle_t ADD COLUMN m int;\n' })
+    await migrate(sql, { dir: migrations({ 'settle_0.sql': 'SELECT 1;\n' }) })
+    const checksum = readMigrations(dir)[0].units[1].checksum
+    await sql`insert into postgres_dsql_migrate.ledger (file, statement, line, checksum, state, runner, heartbeat)
+              values ('settle_1.sql', 2, 2, ${checksum}, 'running', 'live-runner', now())`
+    const env = { ...local.env, CLUSTER_USER: undefined, PGUSER: undefined, AWS_PROFILE: undefined }
+    expect(await cli([dir, '--settle', 'settle_1.sql:2=applied'], env)).toMatchObject({ code: 1, err: expect.stringContaining('settle_1.sql: statement 2 is being applied by a runner that reported') })
+    expect(await cli([dir, '--settle', 'settle_1.sql:1=applied'], env)).toMatchObject({ code: 1, err: 'postgres-dsql migrate: settle_1.sql: statement 1 has no claim in the ledger: there is nothing to settle.\n' })
+    expect(await cli([dir, '--settle', 'settle_0.sql:1=not-applied'], env)).toMatchObject({ code: 1, err: expect.stringContaining('settle_0.sql: statement 1 was applied: there is nothing to settle.') })
+    expect(await cli([dir, '--settle', 'settle_1.sql:2=done'], env)).toMatchObject({ code: 2, err: expect.stringContaining('--settle takes FILE:N=applied or FILE:N=not-applied') })
+    expect(await cli([dir, '--settle', 'settle_1.sql:2=applied', '--dry-run'], env)).toMatchObject({ code: 2 })
+    // A dead DML claim did not take effect: it cannot be settled as applied (the next run takes it over).
+    migrations({ 'settle_2.sql': 'INSERT INTO settle_t (n) VALUES (7);\n' }, dir)
+    await sql`insert into postgres_dsql_migrate.ledger (file, statement, line, checksum, state, runner, heartbeat)
+              values ('settle_2.sql', 1, 1, ${readMigrations(dir)[1].units[0].checksum}, 'claimed', 'dead-runner', now() - interval '1 hour')`
+    expect(await cli([dir, '--settle', 'settle_2.sql:1=applied'], env)).toMatchObject({ code: 1, err: expect.stringContaining('settle_2.sql: statement 1 is DML, recorded in its own transaction') })
+    // Once its runner is gone (its lease ran out), not-applied removes the claim: the next run applies it.
+    await sql`update postgres_dsql_migrate.ledger set heartbeat = now() - interval '1 hour' where file = 'settle_1.sql'`
+    expect(await cli([dir, '--settle', 'settle_1.sql:2=not-applied'], env)).toEqual({ code: 0, out: 'settle_1.sql: statement 2 settled as not-applied: the next run applies it.\n', err: '' })
+    await sql`create table settle_t (n int)`
+    await sql`insert into postgres_dsql_migrate.ledger (file, statement, line, checksum, state, runner, heartbeat)
+              values ('settle_1.sql', 1, 1, ${readMigrations(dir)[0].units[0].checksum}, 'applied', 'a-runner', now())`
+    await expect(migrate(sql, { dir })).resolves.toEqual({ applied: ['settle_1.sql', 'settle_2.sql'] })
+    expect(await sql`select column_name from information_schema.columns where table_name = 'settle_t' order by ordinal_position`).toEqual([{ column_name: 'n' }, { column_name: 'm' }])
+    expect(await sql`select n from settle_t`).toEqual([{ n: 7 }])
+  })
 })
 
 describe('checking against DSQL\'s rules', () => {

@@ -2,9 +2,9 @@
 import { parseArgs } from 'node:util'
 import { dsql, type DsqlOptions } from '../index'
 import { DsqlError } from '../errors'
-import { check, formatFinding, migrate, plan, MigrationError, type MigrateOptions } from './index'
+import { check, formatFinding, migrate, plan, settle, MigrationError, type MigrateOptions, type Outcome } from './index'
 
-export const MIGRATE_USAGE = `Usage: postgres-dsql migrate [dir] [--check | --dry-run] [--host ENDPOINT] [--user ROLE] [options]
+export const MIGRATE_USAGE = `Usage: postgres-dsql migrate [dir] [--check | --dry-run | --settle FILE:N=OUTCOME] [--host ENDPOINT] [--user ROLE] [options]
 
 Applies the pending *.sql files of dir (default ./migrations) in lexicographic order: each
 statement in its own transaction (or the file's own BEGIN ... COMMIT block), waiting for
@@ -14,6 +14,9 @@ stopped and concurrent runs apply each statement once.
   --check             check pending statements against DSQL's rules (needs libpg-query); apply nothing.
                       Without an endpoint, checks every statement of every file.
   --dry-run           print the pending statements; apply nothing
+  --settle FILE:N=applied|not-applied
+                      record the outcome of statement N of FILE, left unknown by a lost
+                      connection (the error names it); apply nothing
   --no-lint           apply without checking against DSQL's rules first
   --ledger-schema S   schema of the ledger table (default postgres_dsql_migrate)
   --schema S          schema the statements run in (default: public for admin, myschema for others)
@@ -37,6 +40,7 @@ const OPTIONS = {
   'job-timeout': { type: 'string' },
   check: { type: 'boolean' },
   'dry-run': { type: 'boolean' },
+  settle: { type: 'string' },
   'no-lint': { type: 'boolean' },
   help: { type: 'boolean', short: 'h' },
 } as const
@@ -51,7 +55,10 @@ export async function runMigrateCli(argv: string[]): Promise<number> {
   const { values, positionals } = parsed
   if (values.help) return out(MIGRATE_USAGE, 0)
   if (positionals.length > 1) return fail(`One directory only, not ${positionals.length}.\n\n${MIGRATE_USAGE}`, 2)
-  if (values.check && values['dry-run']) return fail('Use --check or --dry-run, not both.', 2)
+  if ([values.check, values['dry-run'], values.settle !== undefined].filter(Boolean).length > 1) return fail('Use one of --check, --dry-run and --settle.', 2)
+  const target = values.settle === undefined ? undefined : /^(.+):([1-9][0-9]*)=(applied|not-applied)$/.exec(values.settle)
+  if (values.settle !== undefined && !target)
+    return fail(`--settle takes FILE:N=applied or FILE:N=not-applied (e.g. 002_index.sql:3=applied), not "${values.settle}".`, 2)
   const jobTimeout = values['job-timeout'] === undefined ? undefined : Number(values['job-timeout'])
   if (jobTimeout !== undefined && !(jobTimeout > 0)) return fail(`--job-timeout must be a positive number of seconds, not "${values['job-timeout']}".`, 2)
   const options: MigrateOptions = {
@@ -78,6 +85,11 @@ export async function runMigrateCli(argv: string[]): Promise<number> {
     const sql = dsql({ ...connection, max: 2, onnotice: (notice) => void process.stderr.write(`NOTICE: ${String(notice.message)}\n`) })
     try {
       if (values.check) return report(await check(sql, options), 'pending statements')
+      if (target) {
+        const [, file, statement, outcome] = target
+        await settle(sql, { file, statement: Number(statement), outcome: outcome as Outcome }, options)
+        return out(`${file}: statement ${statement} settled as ${outcome}${outcome === 'applied' ? '' : ': the next run applies it'}.`, 0)
+      }
       if (values['dry-run']) {
         const planned = await plan(sql, options)
         if (!planned.length) return out('Nothing to apply.', 0)

@@ -27,8 +27,12 @@ export type MigrationErrorCode =
   | 'MIGRATE_JOB'
   /** The job did not finish in time: the statement stays claimed until settled. */
   | 'MIGRATE_JOB_TIMEOUT'
-  /** Another runner claimed a statement and stopped reporting before recording its outcome. */
+  /** The connection was lost around a statement; the message says whether it must be settled. */
+  | 'MIGRATE_CONNECTION_LOST'
+  /** A statement's outcome is unknown (its runner died or lost the connection): settle it. */
   | 'MIGRATE_STALE_CLAIM'
+  /** `settle` was asked for a statement that has no outcome to settle. */
+  | 'MIGRATE_SETTLE'
   /** The ledger's schema or table could not be created (e.g. the role may not create schemas). */
   | 'MIGRATE_LEDGER'
   /** `--check` needs libpg-query. */
