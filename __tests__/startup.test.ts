@@ -309,3 +309,48 @@ describe('the token sent with the StartupMessage', () => {
     expect(local.stats().accepted - accepted).toBe(1)
   })
 })
+
+describe('failures that are not the unasked token', () => {
+  /** Waits for what the test drives (client writes), with a generous bound. */
+  const until = async (done: () => boolean) => {
+    for (const bound = Date.now() + 10_000; !done(); await new Promise((resolve) => setTimeout(resolve, 5)))
+      if (Date.now() > bound) throw new Error('timed out waiting')
+  }
+  const cluster = () => resolveConfig({ host: local.host, hostaddr: local.hostaddr, port: local.port })
+
+  test('a cluster waking up refuses for now: the token still goes unasked, and no connection is opened again at once for it', async () => {
+    await local.setLimits({ wakingUp: true })
+    const recorded = recordClientWrites()
+    const openings = () => recorded.writes.filter((w) => messagesOf(w)[0] === 'startup').map(messagesOf)
+    const sql = dsql(options({ max: 1, connect_timeout: 30 }))
+    try {
+      const answer = sql`select 1 as n`.then((rows) => rows[0].n as number, (e: Error) => e)
+      // Two refused attempts, then the cluster is up.
+      await until(() => openings().length >= 2)
+      await local.setLimits({ wakingUp: false })
+      expect(await answer).toBe(1)
+    } finally {
+      recorded.restore()
+      await sql.end({ timeout: 2 })
+      await local.setLimits({ wakingUp: false })
+    }
+    // Every attempt (with backoff between them) sent the token unasked: none was opened again at once, waiting.
+    expect(openings()).toEqual(openings().map(() => ['startup', 'p']))
+    expect(sendsTokenEarly(cluster(), 'admin')).toBe(true)
+  })
+
+  test("a client's database the server refuses: one connection per attempt, and another client of the same user keeps sending the token unasked", async () => {
+    const bad = dsql(options({ max: 1, database: 'other' }))
+    try {
+      for (let i = 0; i < 3; i++) {
+        const accepted = local.stats().accepted
+        await expect(bad`select 1`).rejects.toThrow(/database "other" does not exist/)
+        expect(local.stats().accepted - accepted).toBe(1)
+      }
+    } finally {
+      await bad.end({ timeout: 2 })
+    }
+    expect(sendsTokenEarly(cluster(), 'admin')).toBe(true)
+    expect(messagesOf((await recordedSelect())[0])).toEqual(['startup', 'p'])
+  })
+})

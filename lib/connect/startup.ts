@@ -123,7 +123,7 @@ export async function startup(
       reader.ackArrivals()
     }
     const { replay, parameters, askedCleartext } = await authenticate(reader, stream, token, config, inStartup, early).catch((err: unknown) => {
-      if (!early || tokenOrQuota(err) || err instanceof SchemaOptionRefused) throw err
+      if (!early || notTheEarlyToken(err) || err instanceof SchemaOptionRefused) throw err
       // Whatever else went wrong, it may be the unasked token: the next connection waits to be asked.
       learnAuth(config, pg.user, 'early token failed')
       if (err instanceof DsqlConnectionError && err.code === 'CONNECT_TIMEOUT') throw err
@@ -152,9 +152,19 @@ export async function startup(
   }
 }
 
-/** Refusals that have nothing to do with when the token was sent: a new connection would meet them again. */
-function tokenOrQuota(err: unknown): boolean {
-  return err instanceof DsqlTokenError || err instanceof DsqlTlsError || (err instanceof DsqlConnectionError && (err.sqlstate === '53300' || err.sqlstate === '53400'))
+/**
+ * Refusals that have nothing to do with when the token was sent, which a new connection would
+ * meet again: the token's own, TLS, and a server's answer that it understood the request: for
+ * now (a quota, a cluster waking up: retried with backoff, not at once), or naming what it
+ * refuses with a SQLSTATE outside class 08 (a database, a setting). What an unexpected message
+ * earns is a protocol violation (08P01), a close, or silence: those count against the endpoint.
+ * Counted wrongly, one client's bad database would stop every client of that user sending the
+ * token unasked, and would open each of its own failing connections twice.
+ */
+function notTheEarlyToken(err: unknown): boolean {
+  if (err instanceof DsqlTokenError || err instanceof DsqlTlsError) return true
+  if (!(err instanceof DsqlConnectionError) || !err.sqlstate) return false
+  return err.retryable || !err.sqlstate.startsWith('08')
 }
 
 /** ReadyForQuery: 'Z', int32 5, status byte. */
