@@ -354,3 +354,15 @@ describe('failures that are not the unasked token', () => {
     expect(messagesOf((await recordedSelect())[0])).toEqual(['startup', 'p'])
   })
 })
+
+describe('a server that asks for no password', () => {
+  test('the session that holds the unasked token is not handed over: the connection is opened again, waiting, and the query runs', async () => {
+    local.setFaults({ authMethod: 'none' })
+    const accepted = local.stats().accepted
+    const writes = await recordedSelect()
+    expect(writes.filter((w) => messagesOf(w)[0] === 'startup').map(messagesOf)).toEqual([['startup', 'p'], ['startup']])
+    expect(local.stats().accepted - accepted).toBe(2)
+    // It asked for nothing: no token goes unasked to it again.
+    expect(messagesOf((await recordedSelect())[0])).toEqual(['startup'])
+  })
+})

@@ -133,6 +133,14 @@ export async function startup(
         cause: err,
       })
     })
+    if (early && !askedCleartext) {
+      // The session opened without asking (trust): the token is still unread in its input, and
+      // the server would read it as the first message of the session and fail it.
+      learnAuth(config, pg.user, 'early token failed')
+      throw new EarlyTokenRefused(`${where(config)} opened the session without asking for the IAM token sent with the startup message; trying again, waiting to be asked.`, {
+        retryable: false,
+      })
+    }
     learnAuth(config, pg.user, askedCleartext ? 'cleartext' : 'other')
     const setSchema = config.schema === false || inStartup ? null : `SET search_path = ${wire.quoteIdentifier(config.schema)}`
     if (!onconnect) return { replay, rest: reader.detach(), pipelined: setSchema }

@@ -137,6 +137,12 @@ export async function serve(connection: ClientConnection, context: GatewayContex
   const refusal = admission(connection, params, context)
   if (refusal) return refuse(connection, secured, context, refusal)
 
+  // Trust: the session opens without a password; whatever the client sent early is the session's to read.
+  if (faults.authMethod === 'none') {
+    if (!(await openSession(connection, secured, params, context, faults))) return
+    clearTimeout(startupTimer)
+    return relay(connection, secured, connection.backend!, context.dialect)
+  }
   if (faults.authMethod) return otherAuthMethod(connection, secured, context, faults.authMethod, params.user)
   // Bytes already here were sent before the request: a password the client did not wait for.
   if (faults.refuseEarlyPassword && secured.readableLength > 0)
