@@ -366,3 +366,20 @@ describe('a server that asks for no password', () => {
     expect(messagesOf((await recordedSelect())[0])).toEqual(['startup'])
   })
 })
+
+describe('the fallback in the log', () => {
+  test('a warning once per endpoint when a server does not take the unasked token, not one per connection', async () => {
+    local.setFaults({ refuseEarlyPassword: true })
+    const warnings: string[] = []
+    const logger = { warn: (message: string) => warnings.push(message) }
+    for (let i = 0; i < 3; i++) {
+      const sql = dsql(options({ max: 1, logger }))
+      try {
+        expect((await sql`select 1 as n`)[0].n).toBe(1)
+      } finally {
+        await sql.end({ timeout: 2 })
+      }
+    }
+    expect(warnings.filter((w) => /token sent with the startup message/.test(w))).toHaveLength(1)
+  })
+})

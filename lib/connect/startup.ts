@@ -26,7 +26,10 @@ export class SchemaOptionRefused extends DsqlConnectionError {}
  * exchange: the server asked for another method, refused, closed, or did not answer. The caller
  * opens a new connection at once that waits for the server's request, as every driver does.
  */
-export class EarlyTokenRefused extends DsqlConnectionError {}
+export class EarlyTokenRefused extends DsqlConnectionError {
+  /** The endpoint's first such failure in this process: the one worth a warning. */
+  first = false
+}
 
 /**
  * What connections learned about each endpoint (address, server name, port, transport, user):
@@ -36,7 +39,7 @@ export class EarlyTokenRefused extends DsqlConnectionError {}
  */
 const endpoints = new Map<string, { cleartext: boolean; failures: number }>()
 const MAX_KNOWN = 1000
-const MAX_EARLY_FAILURES = 2
+export const MAX_EARLY_FAILURES = 2
 /** With the token sent unasked and the request received, silence this long means the token was lost. */
 const EARLY_ANSWER_MS = 10_000
 
@@ -55,8 +58,8 @@ export function sendsTokenEarly(config: DsqlConfig, user: string): boolean {
   return config.clusterId !== undefined
 }
 
-/** Records what a connection to the endpoint learned: the method the server asked for, or an unasked token's failure. */
-export function learnAuth(config: DsqlConfig, user: string, outcome: 'cleartext' | 'other' | 'early token failed'): void {
+/** Records what a connection to the endpoint learned: the method the server asked for, or an unasked token's failure. Returns the failures so far. */
+export function learnAuth(config: DsqlConfig, user: string, outcome: 'cleartext' | 'other' | 'early token failed'): number {
   const key = endpointKey(config, user)
   const known = endpoints.get(key) ?? { cleartext: false, failures: 0 }
   known.cleartext = outcome === 'cleartext'
@@ -64,6 +67,7 @@ export function learnAuth(config: DsqlConfig, user: string, outcome: 'cleartext'
   endpoints.delete(key)
   endpoints.set(key, known)
   if (endpoints.size > MAX_KNOWN) endpoints.delete(endpoints.keys().next().value as string)
+  return known.failures
 }
 
 /** Tests: every endpoint is new again. */
@@ -125,21 +129,16 @@ export async function startup(
     const { replay, parameters, askedCleartext } = await authenticate(reader, stream, token, config, inStartup, early).catch((err: unknown) => {
       if (!early || notTheEarlyToken(err) || err instanceof SchemaOptionRefused) throw err
       // Whatever else went wrong, it may be the unasked token: the next connection waits to be asked.
-      learnAuth(config, pg.user, 'early token failed')
+      const failures = learnAuth(config, pg.user, 'early token failed')
       if (err instanceof DsqlConnectionError && err.code === 'CONNECT_TIMEOUT') throw err
       const said = err instanceof Error ? err.message : String(err)
-      throw new EarlyTokenRefused(`${where(config)} did not take the IAM token sent with the startup message (${said}); trying again, waiting to be asked.`, {
-        retryable: false,
-        cause: err,
-      })
+      throw earlyTokenRefused(`${where(config)} did not take the IAM token sent with the startup message (${said}); trying again, waiting to be asked.`, failures, err)
     })
     if (early && !askedCleartext) {
       // The session opened without asking (trust): the token is still unread in its input, and
       // the server would read it as the first message of the session and fail it.
-      learnAuth(config, pg.user, 'early token failed')
-      throw new EarlyTokenRefused(`${where(config)} opened the session without asking for the IAM token sent with the startup message; trying again, waiting to be asked.`, {
-        retryable: false,
-      })
+      const failures = learnAuth(config, pg.user, 'early token failed')
+      throw earlyTokenRefused(`${where(config)} opened the session without asking for the IAM token sent with the startup message; trying again, waiting to be asked.`, failures)
     }
     learnAuth(config, pg.user, askedCleartext ? 'cleartext' : 'other')
     const setSchema = config.schema === false || inStartup ? null : `SET search_path = ${wire.quoteIdentifier(config.schema)}`
@@ -158,6 +157,12 @@ export async function startup(
   } finally {
     reader.detach()
   }
+}
+
+function earlyTokenRefused(message: string, failures: number, cause?: unknown): EarlyTokenRefused {
+  const error = new EarlyTokenRefused(message, { retryable: false, cause })
+  error.first = failures === 1
+  return error
 }
 
 /**
