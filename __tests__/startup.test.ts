@@ -383,3 +383,38 @@ describe('the fallback in the log', () => {
     expect(warnings.filter((w) => /token sent with the startup message/.test(w))).toHaveLength(1)
   })
 })
+
+describe('failures of the unasked token, in a row', () => {
+  const until = async (done: () => boolean) => {
+    for (const bound = Date.now() + 10_000; !done(); await new Promise((resolve) => setTimeout(resolve, 5)))
+      if (Date.now() > bound) throw new Error('timed out waiting')
+  }
+
+  /** One client whose connections the server closes after the token, until two were closed. */
+  async function closedTwice(): Promise<string[][]> {
+    local.setFaults({ closeAt: 'password' })
+    const recorded = recordClientWrites()
+    const openings = () => recorded.writes.filter((w) => messagesOf(w)[0] === 'startup').map(messagesOf)
+    const sql = dsql(options({ max: 1, connect_timeout: 30 }))
+    try {
+      const answer = sql`select 1 as n`.then((rows) => rows[0].n as number, (e: Error) => e)
+      await until(() => openings().length >= 2)
+      local.setFaults({})
+      expect(await answer).toBe(1)
+      return openings()
+    } finally {
+      recorded.restore()
+      local.setFaults({})
+      await sql.end({ timeout: 2 })
+    }
+  }
+
+  test('an unasked token the server took again forgives an earlier failure (a server that closed once, in a deploy)', async () => {
+    // The first connection sent the token unasked and was closed; the one opened at once waited.
+    expect((await closedTwice()).slice(0, 2)).toEqual([['startup', 'p'], ['startup']])
+    expect(messagesOf((await recordedSelect())[0])).toEqual(['startup', 'p'])
+    // Days later, another close: one failure in a row, not two in the process's life.
+    expect((await closedTwice()).slice(0, 2)).toEqual([['startup', 'p'], ['startup']])
+    expect(messagesOf((await recordedSelect())[0])).toEqual(['startup', 'p'])
+  })
+})

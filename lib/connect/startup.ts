@@ -27,14 +27,14 @@ export class SchemaOptionRefused extends DsqlConnectionError {}
  * opens a new connection at once that waits for the server's request, as every driver does.
  */
 export class EarlyTokenRefused extends DsqlConnectionError {
-  /** The endpoint's first such failure in this process: the one worth a warning. */
+  /** The endpoint's first such failure (since one took the token unasked): the one worth a warning. */
   first = false
 }
 
 /**
  * What connections learned about each endpoint (address, server name, port, transport, user):
- * whether the server asked for a cleartext password last time, and how many connections that
- * sent it the token unasked failed. Process-wide, so that a new client (a new dsql(), a Lambda
+ * whether the server asked for a cleartext password last time, and how many connections in a row
+ * that sent it the token unasked failed. Process-wide, so that a new client (a new dsql(), a Lambda
  * invocation) gains too; bounded.
  */
 const endpoints = new Map<string, { cleartext: boolean; failures: number }>()
@@ -50,7 +50,7 @@ const endpointKey = (config: DsqlConfig, user: string) => [config.hostaddr, conf
  * (one round trip less). DSQL always asks for a cleartext token: so an endpoint whose name is a
  * DSQL cluster's (its certificate verified before anything is sent) gets it from the first
  * connection, and any other endpoint once it asked for a cleartext password. Never after two
- * such connections failed, or when the last one asked for something else.
+ * such connections failed in a row, or when the last one asked for something else.
  */
 export function sendsTokenEarly(config: DsqlConfig, user: string): boolean {
   const known = endpoints.get(endpointKey(config, user))
@@ -59,11 +59,13 @@ export function sendsTokenEarly(config: DsqlConfig, user: string): boolean {
 }
 
 /** Records what a connection to the endpoint learned: the method the server asked for, or an unasked token's failure. Returns the failures so far. */
-export function learnAuth(config: DsqlConfig, user: string, outcome: 'cleartext' | 'other' | 'early token failed'): number {
+export function learnAuth(config: DsqlConfig, user: string, outcome: 'cleartext' | 'early token taken' | 'other' | 'early token failed'): number {
   const key = endpointKey(config, user)
   const known = endpoints.get(key) ?? { cleartext: false, failures: 0 }
-  known.cleartext = outcome === 'cleartext'
+  known.cleartext = outcome === 'cleartext' || outcome === 'early token taken'
   if (outcome === 'early token failed') known.failures++
+  // Failures in a row: a server that took the token unasked again had closed for other reasons (a deploy, the network).
+  if (outcome === 'early token taken') known.failures = 0
   endpoints.delete(key)
   endpoints.set(key, known)
   if (endpoints.size > MAX_KNOWN) endpoints.delete(endpoints.keys().next().value as string)
@@ -140,7 +142,7 @@ export async function startup(
       const failures = learnAuth(config, pg.user, 'early token failed')
       throw earlyTokenRefused(`${where(config)} opened the session without asking for the IAM token sent with the startup message; trying again, waiting to be asked.`, failures)
     }
-    learnAuth(config, pg.user, askedCleartext ? 'cleartext' : 'other')
+    learnAuth(config, pg.user, !askedCleartext ? 'other' : early ? 'early token taken' : 'cleartext')
     const setSchema = config.schema === false || inStartup ? null : `SET search_path = ${wire.quoteIdentifier(config.schema)}`
     if (!onconnect) return { replay, rest: reader.detach(), pipelined: setSchema }
     const session: DsqlSession = { query: (sql) => reader.query(sql), parameters }
