@@ -418,3 +418,13 @@ describe('failures of the unasked token, in a row', () => {
     expect(messagesOf((await recordedSelect())[0])).toEqual(['startup', 'p'])
   })
 })
+
+describe('a server that drops an unasked token and waits for it, passing over Flushes', () => {
+  test('with connect_timeout under 10 s the connection is still opened again in time, waiting, and the query runs', async () => {
+    local.setFaults({ dropEarlyPassword: 'ignoring flushes' })
+    const accepted = local.stats().accepted
+    const writes = await recordedSelect({ connect_timeout: 6 })
+    expect(writes.filter((w) => messagesOf(w)[0] === 'startup').map(messagesOf)).toEqual([['startup', 'p'], ['startup']])
+    expect(local.stats().accepted - accepted).toBe(2)
+  })
+})

@@ -40,7 +40,7 @@ export class EarlyTokenRefused extends DsqlConnectionError {
 const endpoints = new Map<string, { cleartext: boolean; failures: number }>()
 const MAX_KNOWN = 1000
 export const MAX_EARLY_FAILURES = 2
-/** With the token sent unasked and the request received, silence this long means the token was lost. */
+/** With the token sent unasked and the request received, silence this long (at most half the time left) means the token was lost. */
 const EARLY_ANSWER_MS = 10_000
 
 const endpointKey = (config: DsqlConfig, user: string) => [config.hostaddr, config.port, config.host, config.transport, user].join('\0')
@@ -128,7 +128,7 @@ export async function startup(
       stream.write(Buffer.concat([startupMessage, wire.passwordMessage(await reader.guard(token))]))
       reader.ackArrivals()
     }
-    const { replay, parameters, askedCleartext } = await authenticate(reader, stream, token, config, inStartup, early).catch((err: unknown) => {
+    const { replay, parameters, askedCleartext } = await authenticate(reader, stream, token, config, inStartup, early, deadline).catch((err: unknown) => {
       if (!early || notTheEarlyToken(err) || err instanceof SchemaOptionRefused) throw err
       // Whatever else went wrong, it may be the unasked token: the next connection waits to be asked.
       const failures = learnAuth(config, pg.user, 'early token failed')
@@ -214,13 +214,15 @@ const escapeOption = (value: string) => value.replace(/[\\\s]/g, (c) => `\\${c}`
 /** Refusals that may be about `options` (not the token, not a quota): worth a try with a SET instead. */
 const OPTION_REFUSAL = /option|search_path|parameter|setting/i
 
-async function authenticate(reader: Reader, stream: Duplex, token: Promise<string>, config: DsqlConfig, sentOptions: boolean, sentToken: boolean) {
+async function authenticate(reader: Reader, stream: Duplex, token: Promise<string>, config: DsqlConfig, sentOptions: boolean, sentToken: boolean, deadline: number) {
   const replay: Buffer[] = []
   const parameters: Record<string, string> = {}
   let askedCleartext = false
+  /** How long to wait for each answer after the request, once the token went unasked. */
+  let silenceMs: number | undefined
   for (;;) {
     // Asked after the token went unasked: a server that dropped it would wait for it forever.
-    const message = await (sentToken && askedCleartext ? reader.next(EARLY_ANSWER_MS) : reader.next())
+    const message = await reader.next(silenceMs)
     const type = String.fromCharCode(message[0])
     if (type === 'E') {
       const fields = wire.errorFields(message)
@@ -233,6 +235,9 @@ async function authenticate(reader: Reader, stream: Duplex, token: Promise<strin
       const code = wire.authCode(message)
       if (code === 3) {
         askedCleartext = true
+        // Half the time left at most, so that the connection opened again, waiting, has the rest:
+        // else a connect_timeout under 10 s would fail the query instead.
+        if (sentToken) silenceMs = Math.min(EARLY_ANSWER_MS, Math.max(0, Math.floor((deadline - Date.now()) / 2)))
         if (!sentToken) {
           stream.write(wire.passwordMessage(await reader.guard(token)))
           reader.ackArrivals()
@@ -318,7 +323,7 @@ class Reader {
     if (withinMs === undefined) return next
     let timer: NodeJS.Timeout | undefined
     const silence = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new DsqlConnectionError(`no answer ${withinMs / 1000}s after the password request`, { retryable: true })), withinMs)
+      timer = setTimeout(() => reject(new DsqlConnectionError(`no answer ${(withinMs / 1000).toFixed(1)}s after the password request`, { retryable: true })), withinMs)
     })
     return Promise.race([next, silence]).finally(() => clearTimeout(timer))
   }

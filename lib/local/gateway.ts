@@ -31,8 +31,8 @@ export interface GatewayFaults {
   authMethod?: 'md5' | 'sasl' | 'none'
   /** Refuse a password that arrived before it was asked for (with the StartupMessage), as a strict front end might. */
   refuseEarlyPassword?: boolean
-  /** Drop whatever arrived with the StartupMessage and ask for the password anyway, as a front end that reads the startup apart might. */
-  dropEarlyPassword?: boolean
+  /** Drop whatever arrived with the StartupMessage and ask for the password anyway, as a front end that reads the startup apart might; 'ignoring flushes': and pass over Flush messages while waiting for it. */
+  dropEarlyPassword?: boolean | 'ignoring flushes'
 }
 
 export const LOOPBACK = '127.0.0.1'
