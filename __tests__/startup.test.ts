@@ -428,3 +428,26 @@ describe('a server that drops an unasked token and waits for it, passing over Fl
     expect(local.stats().accepted - accepted).toBe(2)
   })
 })
+
+describe('the fallback on each negotiation and transport, and with a hook', () => {
+  const faults = [{}, { refuseEarlyPassword: true }, { dropEarlyPassword: true }, { refuseOptions: true }, { refuseEarlyPassword: true, refuseOptions: true }, { authMethod: 'none' as const }]
+  test.each([
+    ['an SSLRequest', { sslnegotiation: 'postgres' as const }],
+    ['the WebSocket transport', { transport: 'websocket' as const }],
+    ['an onconnect hook', { onconnect: async (s: { query(q: string): Promise<unknown> }) => void (await s.query('select 1')) }],
+    ['appuser, whose schema is not public', { user: 'appuser' }],
+  ])('%s: every fault of an unasked token ends in a session with the right user and schema', async (_name, extra) => {
+    for (const fault of faults) {
+      forgetEndpoints()
+      local.setFaults(fault)
+      const sql = dsql(options({ max: 1, ...(extra as DsqlOptions) }))
+      try {
+        const [row] = await sql`select current_user as u, current_schema() as s`
+        const user = (extra as DsqlOptions).user ?? 'admin'
+        expect({ fault, ...row }).toEqual({ fault, u: user, s: user === 'admin' ? 'public' : 'myschema' })
+      } finally {
+        await sql.end({ timeout: 2 })
+      }
+    }
+  })
+})
