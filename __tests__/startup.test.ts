@@ -451,3 +451,15 @@ describe('the fallback on each negotiation and transport, and with a hook', () =
     }
   })
 })
+
+describe('Flushes stop at ReadyForQuery', () => {
+  test.each(['coalesced', 'split'] as const)('with a notice right after ReadyForQuery (%s): no Flush after the hand-over, and the query answered in order', async (afterReady) => {
+    local.setFaults({ afterReady })
+    const notices: string[] = []
+    const writes = await recordedSelect({ onnotice: (n) => notices.push(n.message) })
+    const firstQuery = writes.findIndex((w) => messagesOf(w)[0] === 'P')
+    expect(firstQuery).toBeGreaterThan(0)
+    expect(writes.slice(firstQuery).filter((w) => w === FLUSH)).toEqual([])
+    expect(notices).toEqual(['dsql_local fault: a notice right after ReadyForQuery'])
+  })
+})
