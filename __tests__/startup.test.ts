@@ -382,6 +382,25 @@ describe('the fallback in the log', () => {
     }
     expect(warnings.filter((w) => /token sent with the startup message/.test(w))).toHaveLength(1)
   })
+
+  test('what the fallback logs and throws holds no token, signature or key', async () => {
+    const logged: string[] = []
+    const log = (message: string, fields?: unknown) => void logged.push(`${message} ${JSON.stringify(fields)}`)
+    const logger = { debug: log, info: log, warn: log, error: log }
+    for (const fault of [{ refuseEarlyPassword: true }, { dropEarlyPassword: true }, { authMethod: 'none' as const }, { authMethod: 'md5' as const }]) {
+      forgetEndpoints()
+      local.setFaults(fault)
+      const sql = dsql(options({ max: 1, logger }))
+      try {
+        await sql`select 1`.catch((e: Error) => logged.push(`${e.message} ${e.stack} ${String((e as { cause?: unknown }).cause)}`))
+      } finally {
+        await sql.end({ timeout: 2 })
+      }
+    }
+    expect(logged.join('\n')).toMatch(/did not take the IAM token/)
+    expect(logged.join('\n')).not.toMatch(/X-Amz-Signature|X-Amz-Credential|Action=DbConnect/i)
+    expect(logged.join('\n')).not.toContain(local.credentials.secretAccessKey)
+  })
 })
 
 describe('failures of the unasked token, in a row', () => {
