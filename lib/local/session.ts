@@ -123,6 +123,9 @@ export async function serve(connection: ClientConnection, context: GatewayContex
   if (faults.closeAt === 'accept') return connection.destroy()
   const secured = await negotiate(connection, context)
   if (!secured) return
+  // A WebSocket's stream fails a write once the client's close frame is in (readyState CLOSING):
+  // that ends this connection, never the process serving it.
+  secured.on('error', () => connection.destroy())
   const startup = await readStartup(secured)
   if (faults.closeAt === 'startup') return connection.destroy()
   if ('severity' in startup) return refuse(connection, secured, context, startup)
