@@ -309,3 +309,176 @@ describe('the token sent with the StartupMessage', () => {
     expect(local.stats().accepted - accepted).toBe(1)
   })
 })
+
+describe('failures that are not the unasked token', () => {
+  /** Waits for what the test drives (client writes), with a generous bound. */
+  const until = async (done: () => boolean) => {
+    for (const bound = Date.now() + 10_000; !done(); await new Promise((resolve) => setTimeout(resolve, 5)))
+      if (Date.now() > bound) throw new Error('timed out waiting')
+  }
+  const cluster = () => resolveConfig({ host: local.host, hostaddr: local.hostaddr, port: local.port })
+
+  test('a cluster waking up refuses for now: the token still goes unasked, and no connection is opened again at once for it', async () => {
+    await local.setLimits({ wakingUp: true })
+    const recorded = recordClientWrites()
+    const openings = () => recorded.writes.filter((w) => messagesOf(w)[0] === 'startup').map(messagesOf)
+    const sql = dsql(options({ max: 1, connect_timeout: 30 }))
+    try {
+      const answer = sql`select 1 as n`.then((rows) => rows[0].n as number, (e: Error) => e)
+      // Two refused attempts, then the cluster is up.
+      await until(() => openings().length >= 2)
+      await local.setLimits({ wakingUp: false })
+      expect(await answer).toBe(1)
+    } finally {
+      recorded.restore()
+      await sql.end({ timeout: 2 })
+      await local.setLimits({ wakingUp: false })
+    }
+    // Every attempt (with backoff between them) sent the token unasked: none was opened again at once, waiting.
+    expect(openings()).toEqual(openings().map(() => ['startup', 'p']))
+    expect(sendsTokenEarly(cluster(), 'admin')).toBe(true)
+  })
+
+  test("a client's database the server refuses: one connection per attempt, and another client of the same user keeps sending the token unasked", async () => {
+    const bad = dsql(options({ max: 1, database: 'other' }))
+    try {
+      for (let i = 0; i < 3; i++) {
+        const accepted = local.stats().accepted
+        await expect(bad`select 1`).rejects.toThrow(/database "other" does not exist/)
+        expect(local.stats().accepted - accepted).toBe(1)
+      }
+    } finally {
+      await bad.end({ timeout: 2 })
+    }
+    expect(sendsTokenEarly(cluster(), 'admin')).toBe(true)
+    expect(messagesOf((await recordedSelect())[0])).toEqual(['startup', 'p'])
+  })
+})
+
+describe('a server that asks for no password', () => {
+  test('the session that holds the unasked token is not handed over: the connection is opened again, waiting, and the query runs', async () => {
+    local.setFaults({ authMethod: 'none' })
+    const accepted = local.stats().accepted
+    const writes = await recordedSelect()
+    expect(writes.filter((w) => messagesOf(w)[0] === 'startup').map(messagesOf)).toEqual([['startup', 'p'], ['startup']])
+    expect(local.stats().accepted - accepted).toBe(2)
+    // It asked for nothing: no token goes unasked to it again.
+    expect(messagesOf((await recordedSelect())[0])).toEqual(['startup'])
+  })
+})
+
+describe('the fallback in the log', () => {
+  test('a warning once per endpoint when a server does not take the unasked token, not one per connection', async () => {
+    local.setFaults({ refuseEarlyPassword: true })
+    const warnings: string[] = []
+    const logger = { warn: (message: string) => warnings.push(message) }
+    for (let i = 0; i < 3; i++) {
+      const sql = dsql(options({ max: 1, logger }))
+      try {
+        expect((await sql`select 1 as n`)[0].n).toBe(1)
+      } finally {
+        await sql.end({ timeout: 2 })
+      }
+    }
+    expect(warnings.filter((w) => /token sent with the startup message/.test(w))).toHaveLength(1)
+  })
+
+  test('what the fallback logs and throws holds no token, signature or key', async () => {
+    const logged: string[] = []
+    const log = (message: string, fields?: unknown) => void logged.push(`${message} ${JSON.stringify(fields)}`)
+    const logger = { debug: log, info: log, warn: log, error: log }
+    for (const fault of [{ refuseEarlyPassword: true }, { dropEarlyPassword: true }, { authMethod: 'none' as const }, { authMethod: 'md5' as const }]) {
+      forgetEndpoints()
+      local.setFaults(fault)
+      const sql = dsql(options({ max: 1, logger }))
+      try {
+        await sql`select 1`.catch((e: Error) => logged.push(`${e.message} ${e.stack} ${String((e as { cause?: unknown }).cause)}`))
+      } finally {
+        await sql.end({ timeout: 2 })
+      }
+    }
+    expect(logged.join('\n')).toMatch(/did not take the IAM token/)
+    expect(logged.join('\n')).not.toMatch(/X-Amz-Signature|X-Amz-Credential|Action=DbConnect/i)
+    expect(logged.join('\n')).not.toContain(local.credentials.secretAccessKey)
+  })
+})
+
+describe('failures of the unasked token, in a row', () => {
+  const until = async (done: () => boolean) => {
+    for (const bound = Date.now() + 10_000; !done(); await new Promise((resolve) => setTimeout(resolve, 5)))
+      if (Date.now() > bound) throw new Error('timed out waiting')
+  }
+
+  /** One client whose connections the server closes after the token, until two were closed. */
+  async function closedTwice(): Promise<string[][]> {
+    local.setFaults({ closeAt: 'password' })
+    const recorded = recordClientWrites()
+    const openings = () => recorded.writes.filter((w) => messagesOf(w)[0] === 'startup').map(messagesOf)
+    const sql = dsql(options({ max: 1, connect_timeout: 30 }))
+    try {
+      const answer = sql`select 1 as n`.then((rows) => rows[0].n as number, (e: Error) => e)
+      await until(() => openings().length >= 2)
+      local.setFaults({})
+      expect(await answer).toBe(1)
+      return openings()
+    } finally {
+      recorded.restore()
+      local.setFaults({})
+      await sql.end({ timeout: 2 })
+    }
+  }
+
+  test('an unasked token the server took again forgives an earlier failure (a server that closed once, in a deploy)', async () => {
+    // The first connection sent the token unasked and was closed; the one opened at once waited.
+    expect((await closedTwice()).slice(0, 2)).toEqual([['startup', 'p'], ['startup']])
+    expect(messagesOf((await recordedSelect())[0])).toEqual(['startup', 'p'])
+    // Days later, another close: one failure in a row, not two in the process's life.
+    expect((await closedTwice()).slice(0, 2)).toEqual([['startup', 'p'], ['startup']])
+    expect(messagesOf((await recordedSelect())[0])).toEqual(['startup', 'p'])
+  })
+})
+
+describe('a server that drops an unasked token and waits for it, passing over Flushes', () => {
+  test('with connect_timeout under 10 s the connection is still opened again in time, waiting, and the query runs', async () => {
+    local.setFaults({ dropEarlyPassword: 'ignoring flushes' })
+    const accepted = local.stats().accepted
+    const writes = await recordedSelect({ connect_timeout: 6 })
+    expect(writes.filter((w) => messagesOf(w)[0] === 'startup').map(messagesOf)).toEqual([['startup', 'p'], ['startup']])
+    expect(local.stats().accepted - accepted).toBe(2)
+  })
+})
+
+describe('the fallback on each negotiation and transport, and with a hook', () => {
+  const faults = [{}, { refuseEarlyPassword: true }, { dropEarlyPassword: true }, { refuseOptions: true }, { refuseEarlyPassword: true, refuseOptions: true }, { authMethod: 'none' as const }]
+  test.each([
+    ['an SSLRequest', { sslnegotiation: 'postgres' as const }],
+    ['the WebSocket transport', { transport: 'websocket' as const }],
+    ['an onconnect hook', { onconnect: async (s: { query(q: string): Promise<unknown> }) => void (await s.query('select 1')) }],
+    ['appuser, whose schema is not public', { user: 'appuser' }],
+  ])('%s: every fault of an unasked token ends in a session with the right user and schema', async (_name, extra) => {
+    for (const fault of faults) {
+      forgetEndpoints()
+      local.setFaults(fault)
+      const sql = dsql(options({ max: 1, ...(extra as DsqlOptions) }))
+      try {
+        const [row] = await sql`select current_user as u, current_schema() as s`
+        const user = (extra as DsqlOptions).user ?? 'admin'
+        expect({ fault, ...row }).toEqual({ fault, u: user, s: user === 'admin' ? 'public' : 'myschema' })
+      } finally {
+        await sql.end({ timeout: 2 })
+      }
+    }
+  })
+})
+
+describe('Flushes stop at ReadyForQuery', () => {
+  test.each(['coalesced', 'split'] as const)('with a notice right after ReadyForQuery (%s): no Flush after the hand-over, and the query answered in order', async (afterReady) => {
+    local.setFaults({ afterReady })
+    const notices: string[] = []
+    const writes = await recordedSelect({ onnotice: (n) => notices.push(n.message) })
+    const firstQuery = writes.findIndex((w) => messagesOf(w)[0] === 'P')
+    expect(firstQuery).toBeGreaterThan(0)
+    expect(writes.slice(firstQuery).filter((w) => w === FLUSH)).toEqual([])
+    expect(notices).toEqual(['dsql_local fault: a notice right after ReadyForQuery'])
+  })
+})

@@ -405,15 +405,16 @@ describe('choosing and loading the WebSocket', () => {
 describe("the runtime's own WebSocket (Node's, with --experimental-websocket: what Node 22, browsers and Workers have)", () => {
   // A child process: this one has no global WebSocket. The endpoint's name resolves to the
   // stand-in (as DNS would), and the runtime trusts its CA only when NODE_EXTRA_CA_CERTS says so.
-  const run = async (trustCa: boolean) => {
+  const run = async (trustCa: boolean, connectTimeout = 3) => {
     const t = target()
-    // The cause is hidden, so the failure is retryable: connect_timeout bounds the retries.
+    // The cause is hidden: the failure is retried briefly (as a refused address is), within connect_timeout.
     const script = `const { dsql } = require('./lib')
-      const sql = dsql({ host: ${JSON.stringify(t.host)}, port: ${t.port}, credentials: ${JSON.stringify(t.credentials)}, transport: 'websocket', connect_timeout: 3 })
+      const sql = dsql({ host: ${JSON.stringify(t.host)}, port: ${t.port}, credentials: ${JSON.stringify(t.credentials)}, transport: 'websocket', connect_timeout: ${connectTimeout} })
+      const started = Date.now()
       const ws = () => Object.keys(require.cache).some((k) => k.includes('node_modules/ws/'))
       sql\`select current_user as who, 1 + 1 as two\`.then(
         async ([row]) => { await sql.end(); console.log(JSON.stringify({ ...row, ws: ws() })) },
-        async (e) => { await sql.end(); console.log(JSON.stringify({ name: e.name, code: e.code, message: e.message, ws: ws() })) })`
+        async (e) => { const ms = Date.now() - started; await sql.end(); console.log(JSON.stringify({ name: e.name, code: e.code, message: e.message, ws: ws(), ms })) })`
     // No hostaddr or CA file either (jest's global setup exports PGHOSTADDR and PGSSLROOTCERT): a runtime's WebSocket takes neither.
     const env: NodeJS.ProcessEnv = { ...process.env, DSQL_TEST_RESOLVE: t.host, NODE_EXTRA_CA_CERTS: trustCa ? t.caFile : '' }
     delete env.PGHOSTADDR
@@ -435,6 +436,12 @@ describe("the runtime's own WebSocket (Node's, with --experimental-websocket: wh
     expect(result).toMatchObject({ name: 'DsqlConnectionError', ws: false })
     expect(result.message).toMatch(/failed to open, and the runtime's WebSocket does not say why: .*trusts the endpoint's certificate/)
   })
+
+  test('that failure is retried briefly, as a wrong address is, not for all of connect_timeout (30 s)', async () => {
+    const result = await run(false, 30)
+    expect(result).toMatchObject({ name: 'DsqlConnectionError', ws: false })
+    expect(result.ms).toBeLessThan(15_000)
+  }, 60_000)
 })
 
 describe('samples/websocket.ts', () => {

@@ -85,6 +85,12 @@ export function isUnreachable(err: Error): boolean {
   return unreachable.has(err)
 }
 
+/** Marks an error as one that most likely points at a wrong address or endpoint: retried briefly only. */
+export function unreachableError<E extends Error>(err: E): E {
+  unreachable.add(err)
+  return err
+}
+
 /** The server closed the connection before TLS was up: overloaded, a proxy, or not a PostgreSQL server. */
 function closedEarly(config: DsqlConfig, during: string, cause?: Error): DsqlConnectionError {
   const advice = during === 'direct TLS' ? `; if it does not speak direct TLS (PostgreSQL 16 and older, some proxies), use sslnegotiation: 'postgres'` : ''

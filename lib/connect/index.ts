@@ -8,7 +8,7 @@ import { dial, isUnreachable, NoDirectTls, socketError, where } from './dial'
 import { Handover, type Session } from './handover'
 import { Hosts } from './hosts'
 import * as wire from '../wire'
-import { EarlyTokenRefused, SchemaOptionRefused, startup, type OnConnect, type PgSocketOptions } from './startup'
+import { EarlyTokenRefused, MAX_EARLY_FAILURES, SchemaOptionRefused, startup, type OnConnect, type PgSocketOptions } from './startup'
 
 export type { PgSocketOptions } from './startup'
 
@@ -79,7 +79,10 @@ export function connector(config: DsqlConfig, mintFor: (endpoint: DsqlConfig) =>
             continue
           }
           if (error instanceof EarlyTokenRefused) {
-            logger?.debug?.('dsql: the token sent with the startup message was not taken; waiting to be asked', { host: current.host, message: error.message })
+            // Once per endpoint and process (a Lambda cold start pays one more connection for it), not per connection.
+            const said = `dsql: the server did not take the IAM token sent with the startup message; opening the connection again, waiting to be asked (after ${MAX_EARLY_FAILURES} such failures the token is never sent unasked to this endpoint)`
+            if (error.first) logger?.warn?.(said, { host: current.host, message: error.message })
+            else logger?.debug?.(said, { host: current.host, message: error.message })
             continue
           }
           if (error instanceof SchemaOptionRefused && inStartup) {

@@ -26,18 +26,21 @@ export class SchemaOptionRefused extends DsqlConnectionError {}
  * exchange: the server asked for another method, refused, closed, or did not answer. The caller
  * opens a new connection at once that waits for the server's request, as every driver does.
  */
-export class EarlyTokenRefused extends DsqlConnectionError {}
+export class EarlyTokenRefused extends DsqlConnectionError {
+  /** The endpoint's first such failure (since one took the token unasked): the one worth a warning. */
+  first = false
+}
 
 /**
  * What connections learned about each endpoint (address, server name, port, transport, user):
- * whether the server asked for a cleartext password last time, and how many connections that
- * sent it the token unasked failed. Process-wide, so that a new client (a new dsql(), a Lambda
+ * whether the server asked for a cleartext password last time, and how many connections in a row
+ * that sent it the token unasked failed. Process-wide, so that a new client (a new dsql(), a Lambda
  * invocation) gains too; bounded.
  */
 const endpoints = new Map<string, { cleartext: boolean; failures: number }>()
 const MAX_KNOWN = 1000
-const MAX_EARLY_FAILURES = 2
-/** With the token sent unasked and the request received, silence this long means the token was lost. */
+export const MAX_EARLY_FAILURES = 2
+/** With the token sent unasked and the request received, silence this long (at most half the time left) means the token was lost. */
 const EARLY_ANSWER_MS = 10_000
 
 const endpointKey = (config: DsqlConfig, user: string) => [config.hostaddr, config.port, config.host, config.transport, user].join('\0')
@@ -47,7 +50,7 @@ const endpointKey = (config: DsqlConfig, user: string) => [config.hostaddr, conf
  * (one round trip less). DSQL always asks for a cleartext token: so an endpoint whose name is a
  * DSQL cluster's (its certificate verified before anything is sent) gets it from the first
  * connection, and any other endpoint once it asked for a cleartext password. Never after two
- * such connections failed, or when the last one asked for something else.
+ * such connections failed in a row, or when the last one asked for something else.
  */
 export function sendsTokenEarly(config: DsqlConfig, user: string): boolean {
   const known = endpoints.get(endpointKey(config, user))
@@ -55,15 +58,18 @@ export function sendsTokenEarly(config: DsqlConfig, user: string): boolean {
   return config.clusterId !== undefined
 }
 
-/** Records what a connection to the endpoint learned: the method the server asked for, or an unasked token's failure. */
-export function learnAuth(config: DsqlConfig, user: string, outcome: 'cleartext' | 'other' | 'early token failed'): void {
+/** Records what a connection to the endpoint learned: the method the server asked for, or an unasked token's failure. Returns the failures so far. */
+export function learnAuth(config: DsqlConfig, user: string, outcome: 'cleartext' | 'early token taken' | 'other' | 'early token failed'): number {
   const key = endpointKey(config, user)
   const known = endpoints.get(key) ?? { cleartext: false, failures: 0 }
-  known.cleartext = outcome === 'cleartext'
+  known.cleartext = outcome === 'cleartext' || outcome === 'early token taken'
   if (outcome === 'early token failed') known.failures++
+  // Failures in a row: a server that took the token unasked again had closed for other reasons (a deploy, the network).
+  if (outcome === 'early token taken') known.failures = 0
   endpoints.delete(key)
   endpoints.set(key, known)
   if (endpoints.size > MAX_KNOWN) endpoints.delete(endpoints.keys().next().value as string)
+  return known.failures
 }
 
 /** Tests: every endpoint is new again. */
@@ -122,18 +128,21 @@ export async function startup(
       stream.write(Buffer.concat([startupMessage, wire.passwordMessage(await reader.guard(token))]))
       reader.ackArrivals()
     }
-    const { replay, parameters, askedCleartext } = await authenticate(reader, stream, token, config, inStartup, early).catch((err: unknown) => {
-      if (!early || tokenOrQuota(err) || err instanceof SchemaOptionRefused) throw err
+    const { replay, parameters, askedCleartext } = await authenticate(reader, stream, token, config, inStartup, early, deadline).catch((err: unknown) => {
+      if (!early || notTheEarlyToken(err) || err instanceof SchemaOptionRefused) throw err
       // Whatever else went wrong, it may be the unasked token: the next connection waits to be asked.
-      learnAuth(config, pg.user, 'early token failed')
+      const failures = learnAuth(config, pg.user, 'early token failed')
       if (err instanceof DsqlConnectionError && err.code === 'CONNECT_TIMEOUT') throw err
       const said = err instanceof Error ? err.message : String(err)
-      throw new EarlyTokenRefused(`${where(config)} did not take the IAM token sent with the startup message (${said}); trying again, waiting to be asked.`, {
-        retryable: false,
-        cause: err,
-      })
+      throw earlyTokenRefused(`${where(config)} did not take the IAM token sent with the startup message (${said}); trying again, waiting to be asked.`, failures, err)
     })
-    learnAuth(config, pg.user, askedCleartext ? 'cleartext' : 'other')
+    if (early && !askedCleartext) {
+      // The session opened without asking (trust): the token is still unread in its input, and
+      // the server would read it as the first message of the session and fail it.
+      const failures = learnAuth(config, pg.user, 'early token failed')
+      throw earlyTokenRefused(`${where(config)} opened the session without asking for the IAM token sent with the startup message; trying again, waiting to be asked.`, failures)
+    }
+    learnAuth(config, pg.user, !askedCleartext ? 'other' : early ? 'early token taken' : 'cleartext')
     const setSchema = config.schema === false || inStartup ? null : `SET search_path = ${wire.quoteIdentifier(config.schema)}`
     if (!onconnect) return { replay, rest: reader.detach(), pipelined: setSchema }
     const session: DsqlSession = { query: (sql) => reader.query(sql), parameters }
@@ -152,9 +161,25 @@ export async function startup(
   }
 }
 
-/** Refusals that have nothing to do with when the token was sent: a new connection would meet them again. */
-function tokenOrQuota(err: unknown): boolean {
-  return err instanceof DsqlTokenError || err instanceof DsqlTlsError || (err instanceof DsqlConnectionError && (err.sqlstate === '53300' || err.sqlstate === '53400'))
+function earlyTokenRefused(message: string, failures: number, cause?: unknown): EarlyTokenRefused {
+  const error = new EarlyTokenRefused(message, { retryable: false, cause })
+  error.first = failures === 1
+  return error
+}
+
+/**
+ * Refusals that have nothing to do with when the token was sent, which a new connection would
+ * meet again: the token's own, TLS, and a server's answer that it understood the request: for
+ * now (a quota, a cluster waking up: retried with backoff, not at once), or naming what it
+ * refuses with a SQLSTATE outside class 08 (a database, a setting). What an unexpected message
+ * earns is a protocol violation (08P01), a close, or silence: those count against the endpoint.
+ * Counted wrongly, one client's bad database would stop every client of that user sending the
+ * token unasked, and would open each of its own failing connections twice.
+ */
+function notTheEarlyToken(err: unknown): boolean {
+  if (err instanceof DsqlTokenError || err instanceof DsqlTlsError) return true
+  if (!(err instanceof DsqlConnectionError) || !err.sqlstate) return false
+  return err.retryable || !err.sqlstate.startsWith('08')
 }
 
 /** ReadyForQuery: 'Z', int32 5, status byte. */
@@ -189,13 +214,15 @@ const escapeOption = (value: string) => value.replace(/[\\\s]/g, (c) => `\\${c}`
 /** Refusals that may be about `options` (not the token, not a quota): worth a try with a SET instead. */
 const OPTION_REFUSAL = /option|search_path|parameter|setting/i
 
-async function authenticate(reader: Reader, stream: Duplex, token: Promise<string>, config: DsqlConfig, sentOptions: boolean, sentToken: boolean) {
+async function authenticate(reader: Reader, stream: Duplex, token: Promise<string>, config: DsqlConfig, sentOptions: boolean, sentToken: boolean, deadline: number) {
   const replay: Buffer[] = []
   const parameters: Record<string, string> = {}
   let askedCleartext = false
+  /** How long to wait for each answer after the request, once the token went unasked. */
+  let silenceMs: number | undefined
   for (;;) {
     // Asked after the token went unasked: a server that dropped it would wait for it forever.
-    const message = await (sentToken && askedCleartext ? reader.next(EARLY_ANSWER_MS) : reader.next())
+    const message = await reader.next(silenceMs)
     const type = String.fromCharCode(message[0])
     if (type === 'E') {
       const fields = wire.errorFields(message)
@@ -208,6 +235,9 @@ async function authenticate(reader: Reader, stream: Duplex, token: Promise<strin
       const code = wire.authCode(message)
       if (code === 3) {
         askedCleartext = true
+        // Half the time left at most, so that the connection opened again, waiting, has the rest:
+        // else a connect_timeout under 10 s would fail the query instead.
+        if (sentToken) silenceMs = Math.min(EARLY_ANSWER_MS, Math.max(0, Math.floor((deadline - Date.now()) / 2)))
         if (!sentToken) {
           stream.write(wire.passwordMessage(await reader.guard(token)))
           reader.ackArrivals()
@@ -293,7 +323,7 @@ class Reader {
     if (withinMs === undefined) return next
     let timer: NodeJS.Timeout | undefined
     const silence = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new DsqlConnectionError(`no answer ${withinMs / 1000}s after the password request`, { retryable: true })), withinMs)
+      timer = setTimeout(() => reject(new DsqlConnectionError(`no answer ${(withinMs / 1000).toFixed(1)}s after the password request`, { retryable: true })), withinMs)
     })
     return Promise.race([next, silence]).finally(() => clearTimeout(timer))
   }

@@ -8,7 +8,7 @@ import { Duplex } from 'node:stream'
 import * as tls from 'node:tls'
 import type { DsqlConfig } from '../config'
 import { DsqlConfigError, DsqlConnectionError, DsqlError } from '../errors'
-import { socketError, where } from './dial'
+import { socketError, unreachableError, where } from './dial'
 
 /** The standard (WHATWG) WebSocket surface, which both the runtime's global and `ws` provide. */
 interface WebSocketLike {
@@ -136,11 +136,15 @@ export function openWebSocket(config: DsqlConfig, impl: WebSocketImpl, deadline:
 function openError(error: unknown, config: DsqlConfig, node: boolean): Error {
   // A runtime's own WebSocket (browsers, undici) hides the cause by design, so say what it may be.
   // Not `instanceof Error`: errors from another realm (vm, test runners) are errors too.
+  // Mostly a wrong host or port, or a certificate the runtime does not trust: retried briefly,
+  // as a refused address is, not for all of connect_timeout.
   if (!node || !isError(error))
-    return new DsqlConnectionError(
-      `The WebSocket to ${where(config)} failed to open, and the runtime's WebSocket does not say why: ` +
-        'check host and port, the network path, and that the runtime trusts the endpoint\'s certificate.',
-      { retryable: true, cause: isError(error) ? error : undefined },
+    return unreachableError(
+      new DsqlConnectionError(
+        `The WebSocket to ${where(config)} failed to open, and the runtime's WebSocket does not say why: ` +
+          'check host and port, the network path, and that the runtime trusts the endpoint\'s certificate.',
+        { retryable: true, cause: isError(error) ? error : undefined },
+      ),
     )
   if (error instanceof DsqlError) return error
   // Network and certificate errors: typed as on the TCP transport.

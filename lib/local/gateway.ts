@@ -27,12 +27,12 @@ export interface GatewayFaults {
   closeAt?: 'accept' | 'startup' | 'password'
   afterReady?: 'coalesced' | 'split'
   refuseOptions?: boolean
-  /** Ask for MD5 or SASL (SCRAM) instead of a cleartext password, and refuse whatever comes back. */
-  authMethod?: 'md5' | 'sasl'
+  /** Ask for MD5 or SASL (SCRAM) instead of a cleartext password, and refuse whatever comes back; 'none': ask for nothing (trust). */
+  authMethod?: 'md5' | 'sasl' | 'none'
   /** Refuse a password that arrived before it was asked for (with the StartupMessage), as a strict front end might. */
   refuseEarlyPassword?: boolean
-  /** Drop whatever arrived with the StartupMessage and ask for the password anyway, as a front end that reads the startup apart might. */
-  dropEarlyPassword?: boolean
+  /** Drop whatever arrived with the StartupMessage and ask for the password anyway, as a front end that reads the startup apart might; 'ignoring flushes': and pass over Flush messages while waiting for it. */
+  dropEarlyPassword?: boolean | 'ignoring flushes'
 }
 
 export const LOOPBACK = '127.0.0.1'

@@ -123,6 +123,9 @@ export async function serve(connection: ClientConnection, context: GatewayContex
   if (faults.closeAt === 'accept') return connection.destroy()
   const secured = await negotiate(connection, context)
   if (!secured) return
+  // A WebSocket's stream fails a write once the client's close frame is in (readyState CLOSING):
+  // that ends this connection, never the process serving it.
+  secured.on('error', () => connection.destroy())
   const startup = await readStartup(secured)
   if (faults.closeAt === 'startup') return connection.destroy()
   if ('severity' in startup) return refuse(connection, secured, context, startup)
@@ -137,13 +140,20 @@ export async function serve(connection: ClientConnection, context: GatewayContex
   const refusal = admission(connection, params, context)
   if (refusal) return refuse(connection, secured, context, refusal)
 
+  // Trust: the session opens without a password; whatever the client sent early is the session's to read.
+  if (faults.authMethod === 'none') {
+    if (!(await openSession(connection, secured, params, context, faults))) return
+    clearTimeout(startupTimer)
+    return relay(connection, secured, connection.backend!, context.dialect)
+  }
   if (faults.authMethod) return otherAuthMethod(connection, secured, context, faults.authMethod, params.user)
   // Bytes already here were sent before the request: a password the client did not wait for.
   if (faults.refuseEarlyPassword && secured.readableLength > 0)
     return refuse(connection, secured, context, { severity: 'FATAL', code: '08P01', message: 'unexpected data before the password request' })
   if (faults.dropEarlyPassword && secured.readableLength > 0) secured.read()
   secured.write(authenticationCleartextPassword())
-  const password = await readMessage(secured, MAX_PASSWORD_LENGTH)
+  let password = await readMessage(secured, MAX_PASSWORD_LENGTH)
+  while (faults.dropEarlyPassword === 'ignoring flushes' && password.type === 'H') password = await readMessage(secured, MAX_PASSWORD_LENGTH)
   if (faults.closeAt === 'password') return connection.destroy()
   if (password.type !== 'p')
     return refuse(connection, secured, context, { severity: 'FATAL', code: '08P01', message: `expected password response, got message type "${password.type}"` })
