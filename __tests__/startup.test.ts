@@ -284,6 +284,20 @@ describe('the token sent with the StartupMessage', () => {
     expect(await opened()).toEqual({ connections: 1, opening: [['startup']] })
   })
 
+  test('a server that takes nothing before ReadyForQuery (no Flush either): the connection opened again, waiting, sends only what every driver sends', async () => {
+    await recordedSelect()
+    local.setFaults({ refuseUntilReady: true })
+    const accepted = local.stats().accepted
+    const writes = await recordedSelect()
+    expect(local.stats().accepted - accepted).toBe(2)
+    const opening = writes.filter((w) => messagesOf(w)[0] === 'startup')
+    expect(opening.map(messagesOf)).toEqual([['startup', 'p'], ['startup']])
+    // From the waiting connection's StartupMessage to its query: the password, and no Flush.
+    const waiting = writes.slice(writes.indexOf(opening[1])).flatMap(messagesOf)
+    expect(waiting).not.toContain('H')
+    expect(waiting.slice(0, 2)).toEqual(['startup', 'p'])
+  })
+
   test('a server that drops an unasked token and asks for it: the connection is opened again at once, waiting', async () => {
     local.setFaults({ dropEarlyPassword: true })
     const accepted = local.stats().accepted

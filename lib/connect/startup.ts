@@ -238,10 +238,9 @@ async function authenticate(reader: Reader, stream: Duplex, token: Promise<strin
         // Half the time left at most, so that the connection opened again, waiting, has the rest:
         // else a connect_timeout under 10 s would fail the query instead.
         if (sentToken) silenceMs = Math.min(EARLY_ANSWER_MS, Math.max(0, Math.floor((deadline - Date.now()) / 2)))
-        if (!sentToken) {
-          stream.write(wire.passwordMessage(await reader.guard(token)))
-          reader.ackArrivals()
-        }
+        // Waiting to be asked is the fallback for a server that did not take the unasked token and
+        // its Flushes: it sends neither, only what every driver sends.
+        if (!sentToken) stream.write(wire.passwordMessage(await reader.guard(token)))
       } else if (code !== 0) throw new DsqlConnectionError(`The server asked for authentication method ${code}; DSQL uses a cleartext IAM token.`, { retryable: false })
       else replay.push(message)
       continue

@@ -33,6 +33,12 @@ export interface GatewayFaults {
   refuseEarlyPassword?: boolean
   /** Drop whatever arrived with the StartupMessage and ask for the password anyway, as a front end that reads the startup apart might; 'ignoring flushes': and pass over Flush messages while waiting for it. */
   dropEarlyPassword?: boolean | 'ignoring flushes'
+  /**
+   * A front end that takes nothing from the client between the password and ReadyForQuery: it
+   * sends AuthenticationOk alone, and refuses (08P01) anything that arrived by a moment later
+   * (a Flush, an early query) or was still unread after the password.
+   */
+  refuseUntilReady?: boolean
 }
 
 export const LOOPBACK = '127.0.0.1'

@@ -305,6 +305,15 @@ async function openSession(
     refuse(connection, secured, context, denied(`Role "${params.user}" is not mapped to the IAM identity that signed the token: as admin, AWS IAM GRANT ${params.user} TO '${context.iamArn}'.`))
     return false
   }
+  if (faults.refuseUntilReady) {
+    secured.write(held[0])
+    await new Promise((resolve) => setTimeout(resolve, 100))
+    if (secured.readableLength > 0) {
+      refuse(connection, secured, context, { severity: 'FATAL', code: '08P01', message: 'unexpected message before the session was ready' })
+      return false
+    }
+    held.shift()
+  }
   if (!faults.afterReady) {
     secured.write(Buffer.concat(held))
     return true
