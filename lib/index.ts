@@ -2,6 +2,7 @@ import postgres from 'postgres'
 import { connector } from './connect'
 import { Hosts, type EndpointState } from './connect/hosts'
 import { credentialsOption, definedOnly, mergeUrl, resolveConfig, type DsqlConfig, type DsqlOptions } from './config'
+import { reserveGuard } from './reserve'
 import { withRetry, type RetryBegin } from './retry'
 import { credentialProvider, tokenMinter, type Mint } from './token'
 import { installArrayTypes, type PgTypeOptions } from './types'
@@ -52,7 +53,9 @@ export function dsql<T extends Types = {}>(first?: string | DsqlOptions<T>, seco
   const mints = new Map(config.endpoints.map((e) => [e, tokenMinter(e, credentials)]))
   const mint = mints.get(config)!
   const hosts = new Hosts(config.endpoints, options.logger)
-  const open = connector(config, (e) => mints.get(e)!, { logger: options.logger, onconnect: options.onconnect, closing: () => ending }, hosts)
+  const reserves = reserveGuard()
+  const { reserving, opened, closed } = reserves
+  const open = connector(config, (e) => mints.get(e)!, { logger: options.logger, onconnect: options.onconnect, closing: () => ending, reserving, opened, closed }, hosts)
   const socket = (pg: PgSocketOptions & PgTypeOptions) => {
     installArrayTypes(pg)
     return open(pg)
@@ -71,6 +74,7 @@ export function dsql<T extends Types = {}>(first?: string | DsqlOptions<T>, seco
     },
   }
   Object.defineProperty(sql.options, 'dsql', { value: state, enumerable: false })
+  reserves.install(sql)
   return withRetry(sql, options.retry, options.logger)
 }
 
