@@ -1,5 +1,6 @@
 import { DsqlConnectionError } from './errors'
-import { PROBE_PREFIX, probed } from './connect/handover'
+import type { Handover } from './connect/handover'
+import { PROBE_PREFIX, probes } from './connect/handover'
 
 /** What this file needs of a postgres.js Query: a promise whose handler runs it. */
 interface PgQuery extends Promise<unknown> {
@@ -23,7 +24,7 @@ interface ConnectionState {
   closed(): boolean
 }
 
-let probes = 0
+let lastProbe = 0
 
 /**
  * `sql.reserve()` that survives the loss of its connection. postgres.js 3.4.9 (issues 1199, 1208)
@@ -44,22 +45,27 @@ export function reserveGuard() {
 
   function install<S extends { reserve: () => Promise<unknown> }>(sql: S): void {
     const reserve = sql.reserve.bind(sql) as () => Promise<Reserved>
+    /** A reserved connection, and whether it had to wait for one (then it may be a lost one). */
     const once = () =>
-      new Promise<Reserved>((resolve, reject) => {
+      new Promise<[Reserved, boolean]>((resolve, reject) => {
         let done = false
+        let waited = false
+        const turn = setImmediate(() => (waited = true))
         const ask = () =>
           void reserve().then(
             (reserved) => {
               // A second ask answered too: the extra connection goes back.
               if (done) return reserved.release()
               done = true
+              clearImmediate(turn)
               waiting.delete(ask)
               dropped.delete(ask)
-              resolve(reserved)
+              resolve([reserved, waited])
             },
             (err: unknown) => {
               if (done) return
               done = true
+              clearImmediate(turn)
               waiting.delete(ask)
               dropped.delete(ask)
               reject(err)
@@ -69,11 +75,15 @@ export function reserveGuard() {
         ask()
       })
     sql.reserve = async () => {
-      // A connection lost as it is handed over is not returned (its slot comes back when it closes).
       for (let attempt = 1; ; attempt++) {
-        const reserved = await once()
-        const state = await identify(reserved)
-        if (!state.gone() || attempt === 3) return guard(reserved, state)
+        const [reserved, waited] = await once()
+        const [state, probed] = identify(reserved)
+        // An idle connection is used at once: the probe goes out with the first query. One that
+        // came after a wait may be one that was just lost (see Handover.lost): it is not returned,
+        // its slot comes back when it closes.
+        if (!waited || attempt === 3) return guard(reserved, state)
+        await probed
+        if (!state.gone()) return guard(reserved, state)
       }
     }
   }
@@ -96,16 +106,22 @@ export function reserveGuard() {
   }
 }
 
-/** Runs the probe on the reserved connection, to follow that connection's state from now on. */
-async function identify(reserved: Reserved): Promise<ConnectionState> {
-  const id = ++probes
-  const failed = await (reserved.unsafe(PROBE_PREFIX + id) as PgQuery).then(
-    () => false,
-    () => true,
+/** Sends the probe on the reserved connection, to follow that connection's state from then on. */
+function identify(reserved: Reserved): [ConnectionState, Promise<unknown>] {
+  const id = ++lastProbe
+  const holder: { stream?: Handover } = {}
+  probes.set(id, holder)
+  let failed = false
+  const settled = (reserved.unsafe(PROBE_PREFIX + id) as PgQuery).then(
+    () => probes.delete(id),
+    () => ((failed = true), probes.delete(id)),
   )
-  const stream = probed.get(id)
-  probed.delete(id)
-  return stream ? { gone: () => stream.gone, closed: () => stream.destroyed } : { gone: () => failed, closed: () => failed }
+  // Until its stream has read the probe, the connection is the one postgres.js just handed over.
+  const state = {
+    gone: () => (holder.stream ? holder.stream.gone : failed),
+    closed: () => (holder.stream ? holder.stream.destroyed : failed),
+  }
+  return [state, settled]
 }
 
 function guard(reserved: Reserved, { gone, closed }: ConnectionState): Reserved {

@@ -48,12 +48,12 @@ const EMPTY_QUERY = Buffer.from([0x49, 0, 0, 0, 4])
 
 /**
  * The statement lib/reserve.ts runs first on each reserved connection, `<prefix><id>`: the
- * Handover under it registers itself in `probed` under that id and answers it without a round
- * trip, so that the reserved sql can tell later whether its connection is still there.
+ * Handover under it puts itself in the holder `probes` has under that id, and answers it without
+ * a round trip, so that the reserved sql can tell later whether its connection is still there.
  */
 export const PROBE_PREFIX = '/* postgres-dsql: reserve */ select 1 -- '
 const PROBE_BYTES = Buffer.from(PROBE_PREFIX)
-export const probed = new Map<number, Handover>()
+export const probes = new Map<number, { stream?: Handover }>()
 
 /** Follows message boundaries in a byte stream without copying it: each message's type and last byte as it completes. */
 class Boundaries {
@@ -291,7 +291,8 @@ export class Handover extends Duplex {
     if (chunk[0] !== QUERY || chunk.length < 5 + PROBE_BYTES.length || !chunk.subarray(5, 5 + PROBE_BYTES.length).equals(PROBE_BYTES)) return 0
     const length = chunk.readUInt32BE(1) + 1
     const id = Number(chunk.toString('latin1', 5 + PROBE_BYTES.length, length - 1))
-    if (Number.isSafeInteger(id)) probed.set(id, this)
+    const holder = probes.get(id)
+    if (holder) holder.stream = this
     return length
   }
 
