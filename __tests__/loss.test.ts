@@ -212,3 +212,44 @@ describe('queries queued behind a lost one', () => {
     }
   })
 })
+
+describe('query.cancel() before postgres.js has sent the query', () => {
+  test('on a reserved connection, right after creating it: 57014, and the connection serves the next query', async () => {
+    const sql = open({ max: 1 })
+    try {
+      const reserved = await sql.reserve()
+      const cancelled = reserved`select 1 as n`
+      void cancelled.cancel()
+      expect(await within(failure(cancelled))).toMatchObject({ code: '57014' })
+      const executed = reserved`select 2 as n`.execute()
+      void executed.cancel()
+      expect(await within(failure(executed))).toMatchObject({ code: '57014' })
+      // postgres.js alone leaves the reserved connection waiting for the cancelled query: this hung.
+      expect(await one(reserved, 3)).toEqual([{ n: 3 }])
+      reserved.release()
+      expect(await one(sql, 4)).toEqual([{ n: 4 }])
+    } finally {
+      await sql.end()
+    }
+  })
+
+  test('queued behind another query: 57014, and the queries after it run', async () => {
+    const sql = open({ max: 1 })
+    try {
+      // Described first (it has a parameter): postgres.js queues the next query until it is done.
+      const first = sql`select pg_sleep(${0.3}) as t10`.execute()
+      await running('select pg_sleep($1) as t10')
+      const queued = sql`select 1 as n`.execute()
+      const after = sql`select 2 as n`.execute()
+      // postgres.js takes a query a microtask after execute(): only then is it queued (see the README).
+      await new Promise((resolve) => setImmediate(resolve))
+      void queued.cancel()
+      expect(await within(failure(queued))).toMatchObject({ code: '57014' })
+      expect(await within(first)).toEqual([{ t10: '' }])
+      expect([...((await within(after)) as postgres.RowList<postgres.Row[]>)]).toEqual([{ n: 2 }])
+      expect(await one(sql, 5)).toEqual([{ n: 5 }])
+    } finally {
+      await sql.end()
+    }
+  })
+})
