@@ -193,6 +193,81 @@ describe('sql.begin lost mid-transaction', () => {
   })
 })
 
+describe('a transaction whose callback goes on after the loss', () => {
+  test('its later queries fail typed (no crash), the transaction rejects, the pool works', async () => {
+    const sql = open({ max: 1 })
+    try {
+      let later: unknown
+      let release: () => void = () => undefined
+      const resume = new Promise<void>((r) => (release = r))
+      const tx = failure(
+        sql.begin(async (t) => {
+          await t`select pg_sleep(20) as t11`.catch(() => undefined)
+          // The callback swallowed the error and goes on later, as callbacks that catch do.
+          await resume
+          later = await failure(t`select 1`)
+          return 'committed?'
+        }),
+      )
+      await running('select pg_sleep(20) as t11')
+      await local.stopGateway()
+      await local.startGateway()
+      // A pool query meanwhile reconnects the slot only once the transaction has let it go.
+      const other = sql`select 12::int as n`
+      release()
+      expect(await within(tx)).toMatchObject({ code: 'CONNECTION_CLOSED' })
+      expect(later).toMatchObject({ code: 'CONNECTION_CLOSED' })
+      expect([...((await within(other)) as postgres.RowList<postgres.Row[]>)]).toEqual([{ n: 12 }])
+      expect(await one(sql, 13)).toEqual([{ n: 13 }])
+    } finally {
+      expect(await within(sql.end())).toBeUndefined()
+    }
+  })
+
+  test('a query on the transaction after it rejected is refused, typed', async () => {
+    const sql = open({ max: 1 })
+    try {
+      let keep: postgres.TransactionSql | undefined
+      const tx = failure(
+        sql.begin(async (t) => {
+          keep = t
+          await t`select pg_sleep(20) as t12`
+        }),
+      )
+      await running('select pg_sleep(20) as t12')
+      await local.stopGateway()
+      expect(await within(tx)).toMatchObject({ code: 'CONNECTION_CLOSED' })
+      await local.startGateway()
+      expect(await within(failure(keep!`select 1`))).toMatchObject({ code: 'TRANSACTION_OVER', message: expect.stringContaining('CONNECTION_CLOSED') })
+      expect(await one(sql, 14)).toEqual([{ n: 14 }])
+    } finally {
+      expect(await within(sql.end())).toBeUndefined()
+    }
+  })
+})
+
+describe('a reserved connection lost inside its own transaction', () => {
+  test('release() lets it go: the pool works again', async () => {
+    const sql = open({ max: 1 })
+    try {
+      const reserved = await sql.reserve()
+      await reserved`begin`
+      const query = failure(reserved`select pg_sleep(20) as t13`)
+      await running('select pg_sleep(20) as t13')
+      await local.stopGateway()
+      expect(await within(query)).toMatchObject({ code: 'CONNECTION_CLOSED' })
+      await local.startGateway()
+      reserved.release()
+      // The lost connection closes a moment after release(): a query meanwhile may meet it, typed.
+      let rows: unknown
+      await until('the pool answers again', async () => (rows = await sql`select 15::int as n`.catch((e: unknown) => void expect(e).toMatchObject({ code: 'CONNECTION_CLOSED' }))) !== undefined)
+      expect([...(rows as postgres.Row[])]).toEqual([{ n: 15 }])
+    } finally {
+      expect(await within(sql.end())).toBeUndefined()
+    }
+  })
+})
+
 describe('queries queued behind a lost one', () => {
   test('they fail typed and the slot works again (postgres.js alone never writes on it again)', async () => {
     const sql = open({ max: 1 })

@@ -1,4 +1,4 @@
-import { DsqlConnectionError } from './errors'
+import { DsqlConnectionError, DsqlError } from './errors'
 import type { Handover } from './connect/handover'
 import { PROBE_PREFIX, probes } from './connect/handover'
 
@@ -22,6 +22,8 @@ interface ConnectionState {
   gone(): boolean
   /** postgres.js has dropped the socket: nothing may be written on this connection any more. */
   closed(): boolean
+  /** Closes a lost connection postgres.js would otherwise keep (one lost inside a transaction). */
+  discard(): void
 }
 
 let lastProbe = 0
@@ -120,40 +122,79 @@ function identify(reserved: Reserved): [ConnectionState, Promise<unknown>] {
   const state = {
     gone: () => (holder.stream ? holder.stream.gone : failed),
     closed: () => (holder.stream ? holder.stream.destroyed : failed),
+    discard: () => holder.stream?.discard(),
   }
   return [state, settled]
 }
 
-function guard(reserved: Reserved, { gone, closed }: ConnectionState): Reserved {
+function guard(reserved: Reserved, { gone, closed, discard }: ConnectionState): Reserved {
+  const lost = () => (gone() ? new DsqlConnectionError('The reserved connection was lost: release it and reserve another.', { retryable: true, code: 'CONNECTION_CLOSED' }) : null)
+  let released = false
+  return guardQueries(reserved, lost, {
+    release: () => {
+      if (released) return
+      released = true
+      if (gone()) discard()
+      // Before the close, postgres.js moves the connection on to its closed ones; after it, not.
+      if (!closed()) reserved.release()
+    },
+  })
+}
+
+/**
+ * A postgres.js sql (reserved, or a transaction's) whose queries fail with `refusal()` when it
+ * gives an error, and are never handed to postgres.js once cancelled (postgres.js would leave
+ * the connection waiting for a query it never sends). `own` replaces members of `sql`.
+ */
+function guardQueries<T extends Pick<Reserved, 'unsafe' | 'file'> & ((...args: unknown[]) => unknown)>(sql: T, refusal: () => Error | null, own: Partial<T> = {}): T {
   const guarded = (query: unknown) => {
     if (!isQuery(query)) return query
     const handler = query.handler
     query.handler = Object.assign(
       (q: PgQuery) => {
-        // Cancelled before it was sent: postgres.js would leave the connection waiting for it.
         if (q.cancelled) return
-        if (gone()) return q.reject(new DsqlConnectionError('The reserved connection was lost: release it and reserve another.', { retryable: true, code: 'CONNECTION_CLOSED' }))
-        return handler(q)
+        const error = refusal()
+        return error ? q.reject(error) : handler(q)
       },
       { debug: handler.debug },
     )
     return query
   }
-  let released = false
-  const own: Partial<Reserved> = {
-    unsafe: (...args) => guarded(reserved.unsafe(...args)),
-    file: (...args) => guarded(reserved.file(...args)),
-    release: () => {
-      if (released) return
-      released = true
-      // Before the close, postgres.js moves the connection on to its closed ones; after it, not.
-      if (!closed()) reserved.release()
-    },
-  }
-  return new Proxy(reserved, {
+  const members: Partial<T> = {
+    unsafe: (...args: unknown[]) => guarded(sql.unsafe(...args)),
+    file: (...args: unknown[]) => guarded(sql.file(...args)),
+    ...own,
+  } as Partial<T>
+  return new Proxy(sql, {
     apply: (target, self, args) => guarded(Reflect.apply(target, self, args)),
-    get: (target, key, receiver) => (key in own ? own[key as keyof Reserved] : Reflect.get(target, key, receiver)),
+    get: (target, key, receiver) => (key in members ? members[key as keyof T] : Reflect.get(target, key, receiver)),
   })
+}
+
+/**
+ * `sql.begin` whose transaction sql refuses queries once the transaction failed: postgres.js
+ * 3.4.9 runs them on the connection anyway, which after a loss has no socket (the process
+ * crashes in nextWrite), and otherwise runs them outside any transaction.
+ */
+export function guardBegin<S extends { begin: (...args: never[]) => Promise<unknown> }>(sql: S): void {
+  const begin = sql.begin.bind(sql) as (...args: unknown[]) => Promise<unknown>
+  sql.begin = ((...args: unknown[]) => {
+    const at = args.findIndex((a) => typeof a === 'function')
+    if (at < 0) return begin(...args)
+    const fn = args[at] as (tx: unknown) => unknown
+    let failure: { cause: unknown } | null = null
+    const over = () =>
+      failure && new DsqlError('TRANSACTION_OVER', `This transaction has ended (${describe(failure.cause)}): run the query in a new transaction.`, { cause: failure.cause })
+    args[at] = (tx: Reserved) => fn(guardQueries(tx, over))
+    const result = begin(...args)
+    result.catch((cause: unknown) => void (failure = { cause }))
+    return result
+  }) as S['begin']
+}
+
+function describe(err: unknown): string {
+  const e = err as { code?: unknown; message?: unknown } | null
+  return typeof e?.code === 'string' ? `${e.code}: ${String(e.message)}` : String(e?.message ?? err)
 }
 
 function isQuery(value: unknown): value is PgQuery {

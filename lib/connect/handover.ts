@@ -41,7 +41,7 @@ type State = 'new' | 'opening' | 'open' | 'failed' | 'lost' | 'done'
 /** ReadyForQuery, idle: after a failed open while the pool ends, it makes postgres.js terminate the connection. */
 const READY_IDLE = Buffer.from([0x5a, 0, 0, 0, 5, 0x49])
 const TERMINATE = 0x58
-const [QUERY, SYNC, READY, ERROR, IDLE, FAILED, FLUSH, EXECUTE] = [0x51, 0x53, 0x5a, 0x45, 0x49, 0x45, 0x48, 0x45]
+const [QUERY, SYNC, READY, ERROR, IDLE, FAILED, FLUSH, EXECUTE, PARSE] = [0x51, 0x53, 0x5a, 0x45, 0x49, 0x45, 0x48, 0x45, 0x50]
 const ready = (status: number) => Buffer.from([READY, 0, 0, 0, 5, status])
 /** EmptyQueryResponse, then ReadyForQuery: the answer to the reserve probe. */
 const EMPTY_QUERY = Buffer.from([0x49, 0, 0, 0, 4])
@@ -54,6 +54,21 @@ const EMPTY_QUERY = Buffer.from([0x49, 0, 0, 0, 4])
 export const PROBE_PREFIX = '/* postgres-dsql: reserve */ select 1 -- '
 const PROBE_BYTES = Buffer.from(PROBE_PREFIX)
 export const probes = new Map<number, { stream?: Handover }>()
+
+const TRANSACTION_END = /^\s*(commit|end|abort|rollback(?!\s+to\b)|prepare\s+transaction)\b/i
+
+/** Whether whole messages written by postgres.js hold a statement that ends a transaction (a Query's or a Parse's). */
+function endsTransaction(chunk: Buffer): boolean {
+  for (let i = 0; i + 5 <= chunk.length; i += chunk.readUInt32BE(i + 1) + 1) {
+    const type = chunk[i]
+    if (type !== QUERY && type !== PARSE) continue
+    const body = chunk.subarray(i + 5, i + 1 + chunk.readUInt32BE(i + 1))
+    // A Parse names its statement first.
+    const start = type === PARSE ? body.indexOf(0) + 1 : 0
+    if (TRANSACTION_END.test(body.toString('utf8', start, body.indexOf(0, start)))) return true
+  }
+  return false
+}
 
 /** Follows message boundaries in a byte stream without copying it: each message's type and last byte as it completes. */
 class Boundaries {
@@ -142,6 +157,11 @@ export class Handover extends Duplex {
     return this.destroyed || this.state === 'lost' || this.state === 'failed'
   }
 
+  /** A lost session postgres.js was told to give up (a released reserved connection, even in a transaction): it closes. */
+  discard(): void {
+    if (this.state === 'lost' && !this.destroyed) this.closeSoon()
+  }
+
   setKeepAlive(enable = false, delay = 0): this {
     this.keepAlive = [enable, delay]
     const socket = this.transport as unknown as { setKeepAlive?: (e: boolean, d: number) => void } | null
@@ -162,7 +182,7 @@ export class Handover extends Duplex {
         // postgres.js handed the lost connection more work (see lost()): fail it, and clear its
         // current query with a ReadyForQuery, once its write has returned.
         this.probe(chunk)
-        return process.nextTick(() => this.fail())
+        return process.nextTick(() => this.fail(endsTransaction(chunk)))
       case 'failed':
         callback()
         if (chunk[0] === TERMINATE) return
@@ -334,8 +354,11 @@ export class Handover extends Duplex {
     // write here, i.e. when that ReadyForQuery may have handed the connection queued work.
     // Otherwise it follows before the failed queries' reactions run, so that a caller's next
     // query goes to a new connection, not this lost one.
+    // In a transaction, the connection stays until postgres.js ends it (a query of the callback
+    // after the close would be written with no socket: a crash); postgres.js's COMMIT or ROLLBACK
+    // fails here like the rest, and then the connection goes.
     if (this.status === IDLE && !full) process.nextTick(() => this.destroy())
-    else this.closeSoon()
+    else if (this.status === IDLE) this.closeSoon()
   }
 
   /**
@@ -348,10 +371,13 @@ export class Handover extends Duplex {
   }
 
   /** Fails what postgres.js wrote to the lost session, and ends its current query. */
-  private fail(): void {
+  private fail(endsTransaction: boolean): void {
     if (this.destroyed) return
     this.emitError(this.loss!)
     this.push(ready(this.status))
+    // The transaction's COMMIT or ROLLBACK: now the connection may go. Its ReadyForQuery stays 'E',
+    // so postgres.js keeps it with the transaction (an idle one would hand it to the pool first).
+    if (endsTransaction && this.status !== IDLE) this.closeSoon()
   }
 
   /**
