@@ -146,18 +146,24 @@ function guard(reserved: Reserved, { gone, closed, discard }: ConnectionState): 
  * gives an error, and are never handed to postgres.js once cancelled (postgres.js would leave
  * the connection waiting for a query it never sends). `own` replaces members of `sql`.
  */
-function guardQueries<T extends Pick<Reserved, 'unsafe' | 'file'> & ((...args: unknown[]) => unknown)>(sql: T, refusal: () => Error | null, own: Partial<T> = {}): T {
+export function guardQueries<T extends Pick<Reserved, 'unsafe' | 'file'> & ((...args: unknown[]) => unknown)>(sql: T, refusal: () => Error | null = () => null, own: Partial<T> = {}): T {
+  // The queries of one sql share postgres.js's handler: one guarded handler serves them all.
+  let handler: Handler | undefined
+  let guardedHandler: Handler | undefined
   const guarded = (query: unknown) => {
     if (!isQuery(query)) return query
-    const handler = query.handler
-    query.handler = Object.assign(
-      (q: PgQuery) => {
-        if (q.cancelled) return
-        const error = refusal()
-        return error ? q.reject(error) : handler(q)
-      },
-      { debug: handler.debug },
-    )
+    if (query.handler !== handler) {
+      const original = (handler = query.handler)
+      guardedHandler = Object.assign(
+        (q: PgQuery) => {
+          if (q.cancelled) return
+          const error = refusal()
+          return error ? q.reject(error) : original(q)
+        },
+        { debug: original.debug },
+      )
+    }
+    query.handler = guardedHandler!
     return query
   }
   const members: Partial<T> = {
