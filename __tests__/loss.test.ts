@@ -2,7 +2,8 @@
  * Connections lost under reserve(), begin and queued queries, against a stand-in of this file's
  * own (its gateway is stopped, backends are terminated): no crash, no hang, typed errors, the
  * pool slot comes back. postgres.js 3.4.9 alone crashes (nextWrite on a null socket) or hangs in
- * most of these (porsager/postgres issues 1199, 1208); and query.cancel() before a query is sent.
+ * most of these (porsager/postgres issues 1199, 1208); and query.cancel() before a query is sent
+ * (postgres.js alone then leaves the connection waiting for it: every later query hangs).
  */
 import postgres from 'postgres'
 import dsql, { DsqlConnectionError, type DsqlOptions } from '../lib'
@@ -308,6 +309,32 @@ describe('query.cancel() before postgres.js has sent the query', () => {
     }
   })
 
+  test('on the pool and in a transaction, cancelled at once: 57014, and the next query runs (postgres.js alone hangs it)', async () => {
+    const sql = open({ max: 1 })
+    try {
+      expect(await one(sql, 0)).toEqual([{ n: 0 }])
+      const created = sql`select 1 as n`
+      void created.cancel()
+      expect(await within(failure(created))).toMatchObject({ code: '57014' })
+      const executed = sql.unsafe('select 2 as n').execute()
+      void executed.cancel()
+      expect(await within(failure(executed))).toMatchObject({ code: '57014' })
+      expect(await one(sql, 3)).toEqual([{ n: 3 }])
+      const inside = await within(
+        sql.begin(async (t) => {
+          const q = t`select 4 as n`
+          void q.cancel()
+          await failure(q)
+          return [...(await t`select 5::int as n`)]
+        }),
+      )
+      expect(inside).toEqual([{ n: 5 }])
+      expect(await one(sql, 6)).toEqual([{ n: 6 }])
+    } finally {
+      await sql.end()
+    }
+  })
+
   test('queued behind another query: 57014, and the queries after it run', async () => {
     const sql = open({ max: 1 })
     try {
@@ -316,7 +343,7 @@ describe('query.cancel() before postgres.js has sent the query', () => {
       await running('select pg_sleep($1) as t10')
       const queued = sql`select 1 as n`.execute()
       const after = sql`select 2 as n`.execute()
-      // postgres.js takes a query a microtask after execute(): only then is it queued (see the README).
+      // postgres.js takes a query a microtask after execute(): from then on it is queued.
       await new Promise((resolve) => setImmediate(resolve))
       void queued.cancel()
       expect(await within(failure(queued))).toMatchObject({ code: '57014' })

@@ -2,7 +2,7 @@ import postgres from 'postgres'
 import { connector } from './connect'
 import { Hosts, type EndpointState } from './connect/hosts'
 import { credentialsOption, definedOnly, mergeUrl, resolveConfig, type DsqlConfig, type DsqlOptions } from './config'
-import { guardBegin, reserveGuard } from './reserve'
+import { guardBegin, guardQueries, reserveGuard } from './reserve'
 import { withRetry, type RetryBegin } from './retry'
 import { credentialProvider, tokenMinter, type Mint } from './token'
 import { installArrayTypes, type PgTypeOptions } from './types'
@@ -76,7 +76,8 @@ export function dsql<T extends Types = {}>(first?: string | DsqlOptions<T>, seco
   Object.defineProperty(sql.options, 'dsql', { value: state, enumerable: false })
   reserves.install(sql)
   guardBegin(sql)
-  return withRetry(sql, options.retry, options.logger)
+  // postgres.js leaves a connection waiting for a query cancelled before it was sent: its queries are guarded.
+  return withRetry(guardQueries(sql as unknown as Parameters<typeof guardQueries>[0]) as unknown as DsqlSql<T>, options.retry, options.logger)
 }
 
 export default dsql
