@@ -26,7 +26,9 @@ export interface Opener {
   ending(): boolean
   /** True while a sql.reserve() waits for a connection: postgres.js hands it the next one that reports ready. */
   reserving(): boolean
-  /** True when every connection slot of the pool has a stream: postgres.js may then queue queries. */
+  /** postgres.js's max: the connections of the pool. */
+  maxConnections: number
+  /** True once the pool has had all its connections at once: only then can postgres.js have queued queries. */
   crowded(): boolean
   /** A session was handed to postgres.js. */
   opened(): void
@@ -332,7 +334,8 @@ export class Handover extends Duplex {
   /** The transport failed or closed under an open session. */
   private lost(err?: NodeJS.ErrnoException): void {
     if (this.state !== 'open' || this.destroyed) return
-    const full = this.mayHoldWaiters()
+    const inFlight = this.awaiting > 0 || this.full
+    const handsOver = this.mayHandOver()
     this.state = 'lost'
     this.transport = null
     // A transaction's connection stays with it (postgres.js's reserved path), so the ROLLBACK
@@ -343,31 +346,34 @@ export class Handover extends Duplex {
     this.loss = new DsqlConnectionError(`The connection to ${this.opener.where} ${how}.`, { retryable: true, code: 'CONNECTION_CLOSED', cause: err })
     // A request answered with an ErrorResponse (a FATAL one, as pg_terminate_backend sends) and
     // then the close: the ReadyForQuery the server never sent fails the query with the server's
-    // own error. Otherwise the typed error fails it. Either way a ReadyForQuery follows: postgres.js
-    // keeps its current query until one comes (its end() would wait for it forever, issue 1208).
+    // own error. Otherwise the typed error fails it. Then a ReadyForQuery: postgres.js keeps its
+    // current query until one comes (its end() would wait for it forever, issue 1208). Not inside
+    // a message: it would corrupt the one postgres.js is reading (the close resets that).
     if (!(this.awaiting > 0 && this.fromPeer.after === ERROR)) this.emitError(this.loss)
     this.awaiting = 0
-    // Not inside a message: it would corrupt the one postgres.js is reading (the close resets it).
-    if (this.fromPeer.atBoundary) this.push(ready(this.status))
-    // postgres.js drops a write it has scheduled when the socket closes, and never writes on that
-    // slot again (its nextWrite timer stays set): so 'close' waits while postgres.js may still
-    // write here, i.e. when that ReadyForQuery may have handed the connection queued work.
-    // Otherwise it follows before the failed queries' reactions run, so that a caller's next
-    // query goes to a new connection, not this lost one.
+    if ((inFlight || this.status !== IDLE) && this.fromPeer.atBoundary) this.push(ready(this.status))
     // In a transaction, the connection stays until postgres.js ends it (a query of the callback
     // after the close would be written with no socket: a crash); postgres.js's COMMIT or ROLLBACK
-    // fails here like the rest, and then the connection goes.
-    if (this.status === IDLE && !full) process.nextTick(() => this.destroy())
-    else if (this.status === IDLE) this.closeSoon()
+    // fails here like the rest, and then the connection goes (see fail()).
+    if (this.status !== IDLE) return
+    // postgres.js drops a write it has scheduled when the socket closes, and never writes on that
+    // slot again (its nextWrite timer stays set): so when that ReadyForQuery may have handed this
+    // connection queued work, 'close' waits until postgres.js has written it (it fails here).
+    // Otherwise 'close' comes before the failed queries' reactions run, so that a caller's next
+    // query goes to a new connection, not this lost one.
+    if (inFlight && handsOver) this.closeSoon()
+    else process.nextTick(() => this.destroy())
   }
 
   /**
-   * Whether postgres.js may have queries waiting for this connection: it queues them only when no
-   * connection takes more (this one full: mid-request, at max_pipeline or backed up) or for a reserve().
+   * Whether postgres.js may hand this connection queued work when it reports ready. It queues
+   * queries only when no connection takes more: with one connection, when that one is full (a
+   * describe first, a cursor, max_pipeline, a backed-up write); with several, once all were in
+   * use; and a reserve() waits for the next connection that is ready.
    */
-  private mayHoldWaiters(): boolean {
+  private mayHandOver(): boolean {
     const full = this.full || this.awaiting >= this.opener.maxPipeline || this.writableNeedDrain
-    return this.opener.reserving() || (full && this.opener.crowded())
+    return this.opener.reserving() || full || (this.opener.maxConnections > 1 && this.opener.crowded())
   }
 
   /** Fails what postgres.js wrote to the lost session, and ends its current query. */

@@ -130,12 +130,13 @@ export function connector(config: DsqlConfig, mintFor: (endpoint: DsqlConfig) =>
     }
   }
 
-  // Streams postgres.js holds (opened or opening, and cancels for a moment): at its max, it may queue queries.
+  // Streams postgres.js holds, and whether they ever were as many as its max (see Handover.mayHandOver).
   let live = 0
+  let crowded = false
   return function socket(pg: PgSocketOptions): Duplex {
     const deadline = Date.now() + config.connectTimeoutMs
     const max = (pg as { max?: number }).max ?? 10
-    live++
+    if (++live >= max) crowded = true
     const handover = new Handover({
       open: (signal) => open(pg, deadline, signal),
       cancel: (request) => {
@@ -144,7 +145,8 @@ export function connector(config: DsqlConfig, mintFor: (endpoint: DsqlConfig) =>
       },
       ending: () => closing?.() ?? false,
       reserving: () => reserving?.() ?? false,
-      crowded: () => live >= max,
+      maxConnections: max,
+      crowded: () => crowded,
       opened: () => opened?.(),
       maxPipeline: (pg as { max_pipeline?: number }).max_pipeline ?? 100,
       logger,
