@@ -126,7 +126,7 @@ describe('a reserved connection that is lost', () => {
       const pid = await running('select pg_sleep(20) as t4')
       const reserving = sql.reserve()
       await terminate(pid)
-      expect(await within(busy)).toMatchObject({ code: '57P01' })
+      expect(await within(busy)).toMatchObject({ code: expect.stringMatching(/^(CONNECTION_CLOSED|57P01)$/) })
       const reserved = await within(reserving)
       if (reserved === 'timed out') throw new Error('reserve() never resolved')
       expect(await one(reserved, 4)).toEqual([{ n: 4 }])
@@ -270,7 +270,7 @@ describe('a reserved connection lost inside its own transaction', () => {
 })
 
 describe('queries queued behind a lost one', () => {
-  test('they fail typed and the slot works again (postgres.js alone never writes on it again)', async () => {
+  test('they fail typed and the slot works again', async () => {
     const sql = open({ max: 1 })
     try {
       // A query with parameters is described first: postgres.js queues the next one meanwhile.
@@ -278,11 +278,12 @@ describe('queries queued behind a lost one', () => {
       const pid = await running("select pg_sleep($1) as t9")
       const queued = failure(sql`select 1`)
       await terminate(pid)
-      expect(await within(first)).toMatchObject({ code: '57P01' })
-      expect(await within(queued)).toMatchObject({ code: 'CONNECTION_CLOSED' })
-      let rows: unknown
-      await until('the pool answers again', async () => (rows = await sql`select 7::int as n`.catch(() => undefined)) !== undefined)
-      expect([...(rows as postgres.Row[])]).toEqual([{ n: 7 }])
+      // The queued one goes to the slot's next connection, where postgres.js fails it with the
+      // FATAL error it kept (as it does alone), or it fails with the loss: typed, either way.
+      expect(await within(first)).toMatchObject({ code: expect.stringMatching(/^(CONNECTION_CLOSED|57P01)$/) })
+      expect(await within(queued)).toMatchObject({ code: expect.stringMatching(/^(CONNECTION_CLOSED|57P01)$/) })
+      // postgres.js alone, handed the lost connection for the queued query, never wrote on that slot again.
+      expect(await one(sql, 7)).toEqual([{ n: 7 }])
     } finally {
       expect(await within(sql.end())).toBeUndefined()
     }

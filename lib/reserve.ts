@@ -51,6 +51,7 @@ export function reserveGuard() {
     const once = () =>
       new Promise<[Reserved, boolean]>((resolve, reject) => {
         let done = false
+        let retries = 0
         let waited = false
         const turn = setImmediate(() => (waited = true))
         const ask = () =>
@@ -66,6 +67,9 @@ export function reserveGuard() {
             },
             (err: unknown) => {
               if (done) return
+              // The slot it waited for was reconnected for it after a loss, and postgres.js failed
+              // it with that loss's error (a FATAL it kept): it waits again, a few times.
+              if (lostBefore(err) && ++retries <= 3) return ask()
               done = true
               clearImmediate(turn)
               waiting.delete(ask)
@@ -196,6 +200,12 @@ export function guardBegin<S extends { begin: (...args: never[]) => Promise<unkn
     result.catch((cause: unknown) => void (failure = { cause }))
     return result
   }) as S['begin']
+}
+
+/** The errors postgres.js fails a waiting reserve() with when the connection before it was lost. */
+function lostBefore(err: unknown): boolean {
+  const code = (err as { code?: unknown } | null)?.code
+  return code === 'CONNECTION_CLOSED' || code === '57P01'
 }
 
 function describe(err: unknown): string {

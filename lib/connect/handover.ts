@@ -44,7 +44,7 @@ type State = 'new' | 'opening' | 'open' | 'failed' | 'lost' | 'done'
 const READY_IDLE = Buffer.from([0x5a, 0, 0, 0, 5, 0x49])
 const TERMINATE = 0x58
 const [QUERY, SYNC, READY, ERROR, IDLE, FAILED, FLUSH, EXECUTE, PARSE] = [0x51, 0x53, 0x5a, 0x45, 0x49, 0x45, 0x48, 0x45, 0x50]
-const ready = (status: number) => Buffer.from([READY, 0, 0, 0, 5, status])
+const readyFor = (status: number) => Buffer.from([READY, 0, 0, 0, 5, status])
 /** EmptyQueryResponse, then ReadyForQuery: the answer to the reserve probe. */
 const EMPTY_QUERY = Buffer.from([0x49, 0, 0, 0, 4])
 
@@ -277,7 +277,7 @@ export class Handover extends Duplex {
     // pushed once postgres.js's write has returned (what postgres.js writes while handling it
     // would be lost inside its own write), before any I/O.
     if (probe && this.awaiting === 0 && !this.stripping && this.fromPeer.atBoundary) {
-      const answer = Buffer.concat([EMPTY_QUERY, ready(this.status)])
+      const answer = Buffer.concat([EMPTY_QUERY, readyFor(this.status)])
       process.nextTick(() => this.state === 'open' && this.push(answer))
       chunk = chunk.subarray(probe)
       if (!chunk.length) return callback()
@@ -336,33 +336,36 @@ export class Handover extends Duplex {
     if (this.state !== 'open' || this.destroyed) return
     const inFlight = this.awaiting > 0 || this.full
     const handsOver = this.mayHandOver()
+    const fatal = this.awaiting > 0 && this.fromPeer.after === ERROR
     this.state = 'lost'
     this.transport = null
-    // A transaction's connection stays with it (postgres.js's reserved path), so the ROLLBACK
-    // that follows fails here, not on the pool's next connection.
-    if (this.status !== IDLE) this.status = FAILED
+    this.awaiting = 0
     // A typed error of the transport (the WebSocket's close code) says more than its code.
     const how = !err ? 'was closed by the server' : err instanceof DsqlError ? `failed: ${err.message.replace(/\.$/, '')}` : `failed (${err.code ?? err.message})`
     this.loss = new DsqlConnectionError(`The connection to ${this.opener.where} ${how}.`, { retryable: true, code: 'CONNECTION_CLOSED', cause: err })
     // A request answered with an ErrorResponse (a FATAL one, as pg_terminate_backend sends) and
-    // then the close: the ReadyForQuery the server never sent fails the query with the server's
-    // own error. Otherwise the typed error fails it. Then a ReadyForQuery: postgres.js keeps its
-    // current query until one comes (its end() would wait for it forever, issue 1208). Not inside
-    // a message: it would corrupt the one postgres.js is reading (the close resets that).
-    if (!(this.awaiting > 0 && this.fromPeer.after === ERROR)) this.emitError(this.loss)
-    this.awaiting = 0
-    if ((inFlight || this.status !== IDLE) && this.fromPeer.atBoundary) this.push(ready(this.status))
-    // In a transaction, the connection stays until postgres.js ends it (a query of the callback
-    // after the close would be written with no socket: a crash); postgres.js's COMMIT or ROLLBACK
-    // fails here like the rest, and then the connection goes (see fail()).
-    if (this.status !== IDLE) return
-    // postgres.js drops a write it has scheduled when the socket closes, and never writes on that
-    // slot again (its nextWrite timer stays set): so when that ReadyForQuery may have handed this
-    // connection queued work, 'close' waits until postgres.js has written it (it fails here).
-    // Otherwise 'close' comes before the failed queries' reactions run, so that a caller's next
-    // query goes to a new connection, not this lost one.
-    if (inFlight && handsOver) this.closeSoon()
-    else process.nextTick(() => this.destroy())
+    // then the close: the ReadyForQuery the server never sent fails it with the server's own
+    // error. Otherwise the typed error fails it.
+    if (!fatal) this.emitError(this.loss)
+    // postgres.js keeps its current query until a ReadyForQuery comes (its end() would wait for
+    // it forever, issue 1208). Not inside a message: it would corrupt the one postgres.js reads.
+    const ready = (status: number) => this.fromPeer.atBoundary && this.push(readyFor(status))
+    if (this.status !== IDLE) {
+      // In a transaction the connection stays with it ('E': postgres.js keeps it reserved), until
+      // postgres.js ends it: a query of the callback after the close would be written with no
+      // socket, a crash. Everything written meanwhile fails here (see fail()).
+      this.status = FAILED
+      ready(FAILED)
+      return
+    }
+    // But that ReadyForQuery may also hand the connection queries postgres.js had queued, and
+    // postgres.js drops a write it has scheduled when the socket closes, never writing on that
+    // slot again (its nextWrite timer stays set). So when it may have queued some, there is no
+    // ReadyForQuery: the close makes postgres.js reconnect the slot for them, which ends the
+    // current query too. The close comes before the failed queries' reactions run, so that a
+    // caller's next query goes to a new connection, not this lost one.
+    if (inFlight && !handsOver) ready(IDLE)
+    process.nextTick(() => this.destroy())
   }
 
   /**
@@ -380,7 +383,7 @@ export class Handover extends Duplex {
   private fail(endsTransaction: boolean): void {
     if (this.destroyed) return
     this.emitError(this.loss!)
-    this.push(ready(this.status))
+    this.push(readyFor(this.status))
     // The transaction's COMMIT or ROLLBACK: now the connection may go. Its ReadyForQuery stays 'E',
     // so postgres.js keeps it with the transaction (an idle one would hand it to the pool first).
     if (endsTransaction && this.status !== IDLE) this.closeSoon()
