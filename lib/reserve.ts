@@ -22,8 +22,8 @@ interface ConnectionState {
   gone(): boolean
   /** postgres.js has dropped the socket: nothing may be written on this connection any more. */
   closed(): boolean
-  /** Closes a lost connection postgres.js would otherwise keep (one lost inside a transaction). */
-  discard(): void
+  /** Closes a lost connection (postgres.js keeps one lost inside a transaction); `release` if sql.end() waits for it. */
+  discard(release: () => void): void
 }
 
 let lastProbe = 0
@@ -126,7 +126,7 @@ function identify(reserved: Reserved): [ConnectionState, Promise<unknown>] {
   const state = {
     gone: () => (holder.stream ? holder.stream.gone : failed),
     closed: () => (holder.stream ? holder.stream.destroyed : failed),
-    discard: () => holder.stream?.discard(),
+    discard: (release: () => void) => holder.stream?.discard(release),
   }
   return [state, settled]
 }
@@ -138,9 +138,9 @@ function guard(reserved: Reserved, { gone, closed, discard }: ConnectionState): 
     release: () => {
       if (released) return
       released = true
-      if (gone()) discard()
-      // Before the close, postgres.js moves the connection on to its closed ones; after it, not.
-      if (!closed()) reserved.release()
+      // postgres.js would put a lost connection back in the pool: after its close, with no socket.
+      if (!gone()) reserved.release()
+      else if (!closed()) discard(() => reserved.release())
     },
   })
 }

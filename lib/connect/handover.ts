@@ -159,9 +159,13 @@ export class Handover extends Duplex {
     return this.destroyed || this.state === 'lost' || this.state === 'failed'
   }
 
-  /** A lost session postgres.js was told to give up (a released reserved connection, even in a transaction): it closes. */
-  discard(): void {
-    if (this.state === 'lost' && !this.destroyed) this.closeSoon()
+  /**
+   * A lost reserved connection released (it may still be kept for its transaction): it closes
+   * now, without postgres.js's release (that would hand it to the pool first). But if sql.end()
+   * waits for it, `release` runs and an idle ReadyForQuery makes postgres.js terminate it.
+   */
+  discard(release: () => void): void {
+    if (this.state === 'lost') this.closeLost(release)
   }
 
   setKeepAlive(enable = false, delay = 0): this {
@@ -181,8 +185,8 @@ export class Handover extends Duplex {
       case 'lost':
         callback()
         if (chunk[0] === TERMINATE) return
-        // postgres.js handed the lost connection more work (see lost()): fail it, and clear its
-        // current query with a ReadyForQuery, once its write has returned.
+        // What postgres.js writes to a lost transaction's connection (see lost()) fails, once its
+        // write has returned.
         this.probe(chunk)
         return process.nextTick(() => this.fail(endsTransaction(chunk)))
       case 'failed':
@@ -383,10 +387,26 @@ export class Handover extends Duplex {
   private fail(endsTransaction: boolean): void {
     if (this.destroyed) return
     this.emitError(this.loss!)
+    if (!this.fromPeer.atBoundary) return
     this.push(readyFor(this.status))
-    // The transaction's COMMIT or ROLLBACK: now the connection may go. Its ReadyForQuery stays 'E',
+    // The transaction's COMMIT or ROLLBACK: now the connection goes. Its ReadyForQuery stays 'E',
     // so postgres.js keeps it with the transaction (an idle one would hand it to the pool first).
-    if (endsTransaction && this.status !== IDLE) this.closeSoon()
+    if (endsTransaction && this.status !== IDLE) this.closeLost()
+  }
+
+  /**
+   * Closes a lost connection that postgres.js keeps reserved, before the failures' reactions run.
+   * If sql.end() is waiting by then, `release` runs and an idle ReadyForQuery makes postgres.js
+   * terminate it instead (a close alone would leave end() waiting forever).
+   */
+  private closeLost(release?: () => void): void {
+    process.nextTick(() => {
+      if (this.destroyed) return
+      if (!this.opener.ending() || !this.fromPeer.atBoundary) return void this.destroy()
+      release?.()
+      this.push(READY_IDLE)
+      this.closeSoon()
+    })
   }
 
   /**
@@ -399,9 +419,6 @@ export class Handover extends Duplex {
     setImmediate(() =>
       setTimeout(() => {
         if (this.destroyed) return
-        // sql.end() came meanwhile and waits for this connection: an idle ReadyForQuery makes
-        // postgres.js terminate it (a close alone would leave end() waiting forever).
-        if (this.state === 'lost' && this.opener.ending() && this.fromPeer.atBoundary) this.push(READY_IDLE)
         this.push(null)
         this.destroy()
       }, 20),
