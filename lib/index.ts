@@ -3,6 +3,7 @@ import { connector } from './connect'
 import { Hosts, type EndpointState } from './connect/hosts'
 import { FLUSH_PARAMETER, FLUSH_VALUE } from './connect/startup'
 import { credentialsOption, definedOnly, mergeUrl, resolveConfig, type DsqlConfig, type DsqlOptions } from './config'
+import { guardBegin, guardQueries, reserveGuard } from './reserve'
 import { withRetry, type RetryBegin } from './retry'
 import { credentialProvider, tokenMinter, type Mint } from './token'
 import { installArrayTypes, type PgTypeOptions } from './types'
@@ -53,7 +54,9 @@ export function dsql<T extends Types = {}>(first?: string | DsqlOptions<T>, seco
   const mints = new Map(config.endpoints.map((e) => [e, tokenMinter(e, credentials)]))
   const mint = mints.get(config)!
   const hosts = new Hosts(config.endpoints, options.logger)
-  const open = connector(config, (e) => mints.get(e)!, { logger: options.logger, onconnect: options.onconnect, closing: () => ending }, hosts)
+  const reserves = reserveGuard()
+  const { reserving, opened, closed } = reserves
+  const open = connector(config, (e) => mints.get(e)!, { logger: options.logger, onconnect: options.onconnect, closing: () => ending, reserving, opened, closed }, hosts)
   const socket = (pg: PgSocketOptions & PgTypeOptions) => {
     installArrayTypes(pg)
     return open(pg)
@@ -72,7 +75,10 @@ export function dsql<T extends Types = {}>(first?: string | DsqlOptions<T>, seco
     },
   }
   Object.defineProperty(sql.options, 'dsql', { value: state, enumerable: false })
-  return withRetry(sql, options.retry, options.logger)
+  reserves.install(sql)
+  guardBegin(sql)
+  // postgres.js leaves a connection waiting for a query cancelled before it was sent: its queries are guarded.
+  return withRetry(guardQueries(sql as unknown as Parameters<typeof guardQueries>[0]) as unknown as DsqlSql<T>, options.retry, options.logger)
 }
 
 export default dsql

@@ -24,16 +24,53 @@ export interface Opener {
   cancel(request: Buffer): Promise<void>
   /** True once sql.end() was called. */
   ending(): boolean
+  /** True while a sql.reserve() waits for a connection: postgres.js hands it the next one that reports ready. */
+  reserving(): boolean
+  /** postgres.js's max: the connections of the pool. */
+  maxConnections: number
+  /** True once the pool has had all its connections at once: only then can postgres.js have queued queries. */
+  crowded(): boolean
+  /** A session was handed to postgres.js. */
+  opened(): void
+  /** postgres.js's max_pipeline: with that many requests unanswered it queues further queries instead. */
+  maxPipeline: number
   logger?: DsqlLogger
   where: string
 }
 
-type State = 'new' | 'opening' | 'open' | 'failed' | 'done'
+type State = 'new' | 'opening' | 'open' | 'failed' | 'lost' | 'done'
 
 /** ReadyForQuery, idle: after a failed open while the pool ends, it makes postgres.js terminate the connection. */
 const READY_IDLE = Buffer.from([0x5a, 0, 0, 0, 5, 0x49])
 const TERMINATE = 0x58
-const [QUERY, SYNC, READY, ERROR, IDLE] = [0x51, 0x53, 0x5a, 0x45, 0x49]
+const [QUERY, SYNC, READY, ERROR, IDLE, FAILED, FLUSH, EXECUTE, PARSE] = [0x51, 0x53, 0x5a, 0x45, 0x49, 0x45, 0x48, 0x45, 0x50]
+const readyFor = (status: number) => Buffer.from([READY, 0, 0, 0, 5, status])
+/** EmptyQueryResponse, then ReadyForQuery: the answer to the reserve probe. */
+const EMPTY_QUERY = Buffer.from([0x49, 0, 0, 0, 4])
+
+/**
+ * The statement lib/reserve.ts runs first on each reserved connection, `<prefix><id>`: the
+ * Handover under it puts itself in the holder `probes` has under that id, and answers it without
+ * a round trip, so that the reserved sql can tell later whether its connection is still there.
+ */
+export const PROBE_PREFIX = '/* postgres-dsql: reserve */ select 1 -- '
+const PROBE_BYTES = Buffer.from(PROBE_PREFIX)
+export const probes = new Map<number, { stream?: Handover }>()
+
+const TRANSACTION_END = /^\s*(commit|end|abort|rollback(?!\s+to\b)|prepare\s+transaction)\b/i
+
+/** Whether whole messages written by postgres.js hold a statement that ends a transaction (a Query's or a Parse's). */
+function endsTransaction(chunk: Buffer): boolean {
+  for (let i = 0; i + 5 <= chunk.length; i += chunk.readUInt32BE(i + 1) + 1) {
+    const type = chunk[i]
+    if (type !== QUERY && type !== PARSE) continue
+    const body = chunk.subarray(i + 5, i + 1 + chunk.readUInt32BE(i + 1))
+    // A Parse names its statement first.
+    const start = type === PARSE ? body.indexOf(0) + 1 : 0
+    if (TRANSACTION_END.test(body.toString('utf8', start, body.indexOf(0, start)))) return true
+  }
+  return false
+}
 
 /** Follows message boundaries in a byte stream without copying it: each message's type and last byte as it completes. */
 class Boundaries {
@@ -41,6 +78,11 @@ class Boundaries {
   private remaining = 0
   /** Type of the last complete message, 0 while one is incomplete. */
   after = 0
+
+  /** Between two messages: bytes of our own may go in here. */
+  get atBoundary(): boolean {
+    return this.remaining === 0 && (this.header.length === 0 || this.header.length === 5)
+  }
 
   scan(chunk: Buffer, onMessage: (type: number, last: number) => unknown): void {
     for (let i = 0; i < chunk.length; ) {
@@ -96,6 +138,10 @@ export class Handover extends Duplex {
   private awaiting = 0
   /** The transaction status of the last ReadyForQuery: 'I' (0x49) idle, 'T' or 'E' in a transaction. */
   private status = IDLE
+  /** postgres.js sent a request that makes it queue further queries until its ReadyForQuery (a describe first, a cursor). */
+  private full = false
+  /** Why the session is gone ('lost'): what later writes fail with. */
+  private loss: Error | null = null
 
   constructor(private readonly opener: Opener) {
     super({ allowHalfOpen: false })
@@ -106,6 +152,20 @@ export class Handover extends Duplex {
   /** postgres.js ends a socket only when it is 'open'. */
   get readyState(): string {
     return this.destroyed ? 'closed' : 'open'
+  }
+
+  /** The session is lost or never opened: nothing written here reaches a server any more. */
+  get gone(): boolean {
+    return this.destroyed || this.state === 'lost' || this.state === 'failed'
+  }
+
+  /**
+   * A lost reserved connection released (it may still be kept for its transaction): it closes
+   * now, without postgres.js's release (that would hand it to the pool first). But if sql.end()
+   * waits for it, `release` runs and an idle ReadyForQuery makes postgres.js terminate it.
+   */
+  discard(release: () => void): void {
+    if (this.state === 'lost') this.closeLost(release)
   }
 
   setKeepAlive(enable = false, delay = 0): this {
@@ -122,6 +182,13 @@ export class Handover extends Duplex {
         return wire.isCancelRequest(chunk) ? this.cancel(chunk) : this.open()
       case 'open':
         return this.send(chunk, callback)
+      case 'lost':
+        callback()
+        if (chunk[0] === TERMINATE) return
+        // What postgres.js writes to a lost transaction's connection (see lost()) fails, once its
+        // write has returned.
+        this.probe(chunk)
+        return process.nextTick(() => this.fail(endsTransaction(chunk)))
       case 'failed':
         callback()
         if (chunk[0] === TERMINATE) return
@@ -193,6 +260,7 @@ export class Handover extends Duplex {
     // After postgres.js has read the replay (a push may be delivered a tick later).
     if (drain) setImmediate(() => this.destroyed || this.emit('drain'))
     stream.resume()
+    this.opener.opened()
   }
 
   private failOpen(error: Error): void {
@@ -208,8 +276,23 @@ export class Handover extends Duplex {
   private send(chunk: Buffer, callback: () => void): void {
     const transport = this.transport
     if (!transport) return callback()
+    const probe = this.probe(chunk)
+    // Nothing else is due from the server then, so the answer cannot overtake another: it is
+    // pushed once postgres.js's write has returned (what postgres.js writes while handling it
+    // would be lost inside its own write), before any I/O.
+    if (probe && this.awaiting === 0 && !this.stripping && this.fromPeer.atBoundary) {
+      const answer = Buffer.concat([EMPTY_QUERY, readyFor(this.status)])
+      process.nextTick(() => this.state === 'open' && this.push(answer))
+      chunk = chunk.subarray(probe)
+      if (!chunk.length) return callback()
+    }
     // Before the pipelined SET is prepended: its ReadyForQuery is removed from what postgres.js reads.
-    this.fromClient.scan(chunk, (type) => (type === QUERY || type === SYNC) && this.awaiting++)
+    this.fromClient.scan(chunk, (type) => {
+      if (type === QUERY || type === SYNC) this.awaiting++
+      else if (type === FLUSH) this.full = true
+    })
+    // A cursor's Execute comes without a Sync (a plain one always with its Sync, in the same write).
+    if (this.fromClient.after === EXECUTE) this.full = true
     if (this.pipelined) {
       chunk = Buffer.concat([wire.queryMessage(this.pipelined), chunk])
       this.pipelined = null
@@ -223,9 +306,20 @@ export class Handover extends Duplex {
     this.fromPeer.scan(chunk, (type, last) => {
       if (type !== READY) return
       if (this.awaiting > 0) this.awaiting--
+      if (this.awaiting === 0) this.full = false
       this.status = last
     })
     if (chunk.length && !this.push(chunk)) this.transport?.pause()
+  }
+
+  /** A reserve probe at the start of `chunk` registers this stream; returns the probe's length, or 0. */
+  private probe(chunk: Buffer): number {
+    if (chunk[0] !== QUERY || chunk.length < 5 + PROBE_BYTES.length || !chunk.subarray(5, 5 + PROBE_BYTES.length).equals(PROBE_BYTES)) return 0
+    const length = chunk.readUInt32BE(1) + 1
+    const id = Number(chunk.toString('latin1', 5 + PROBE_BYTES.length, length - 1))
+    const holder = probes.get(id)
+    if (holder) holder.stream = this
+    return length
   }
 
   /** Removes the pipelined SET's reply (CommandComplete/Error .. ReadyForQuery); keeps everything else, in order. */
@@ -244,25 +338,75 @@ export class Handover extends Duplex {
   /** The transport failed or closed under an open session. */
   private lost(err?: NodeJS.ErrnoException): void {
     if (this.state !== 'open' || this.destroyed) return
-    this.state = 'done'
+    const inFlight = this.awaiting > 0 || this.full
+    const handsOver = this.mayHandOver()
+    const fatal = this.awaiting > 0 && this.fromPeer.after === ERROR
+    this.state = 'lost'
     this.transport = null
+    this.awaiting = 0
+    // A typed error of the transport (the WebSocket's close code) says more than its code.
+    const how = !err ? 'was closed by the server' : err instanceof DsqlError ? `failed: ${err.message.replace(/\.$/, '')}` : `failed (${err.code ?? err.message})`
+    this.loss = new DsqlConnectionError(`The connection to ${this.opener.where} ${how}.`, { retryable: true, code: 'CONNECTION_CLOSED', cause: err })
     // A request answered with an ErrorResponse (a FATAL one, as pg_terminate_backend sends) and
-    // then the close: postgres.js would keep that error and fail the slot's next connection with
-    // it (its closed() does not reset it). The ReadyForQuery the server never sent settles it:
-    // the query fails with the server's own error, and nothing stale remains.
-    if (this.awaiting > 0 && this.fromPeer.after === ERROR) this.push(READY_IDLE)
-    else {
-      // A typed error of the transport (the WebSocket's close code) says more than its code.
-      const how = !err ? 'was closed by the server' : err instanceof DsqlError ? `failed: ${err.message.replace(/\.$/, '')}` : `failed (${err.code ?? err.message})`
-      this.emitError(new DsqlConnectionError(`The connection to ${this.opener.where} ${how}.`, { retryable: true, code: 'CONNECTION_CLOSED', cause: err }))
-      // A request was in flight: postgres.js keeps it as its current query after the error, and
-      // its end() would wait for that query forever. An idle ReadyForQuery lets it go.
-      if (this.awaiting > 0 && this.status === IDLE) this.push(READY_IDLE)
+    // then the close: the ReadyForQuery the server never sent fails it with the server's own
+    // error. Otherwise the typed error fails it.
+    if (!fatal) this.emitError(this.loss)
+    // postgres.js keeps its current query until a ReadyForQuery comes (its end() would wait for
+    // it forever, issue 1208). Not inside a message: it would corrupt the one postgres.js reads.
+    const ready = (status: number) => this.fromPeer.atBoundary && this.push(readyFor(status))
+    if (this.status !== IDLE) {
+      // In a transaction the connection stays with it ('E': postgres.js keeps it reserved), until
+      // postgres.js ends it: a query of the callback after the close would be written with no
+      // socket, a crash. Everything written meanwhile fails here (see fail()).
+      this.status = FAILED
+      ready(FAILED)
+      return
     }
-    // Outside a transaction nothing more is written: 'close' follows before the failed queries'
-    // reactions run, so that a caller's next query goes to a new connection, not this dead one.
-    if (this.status === IDLE) process.nextTick(() => this.destroy())
-    else this.closeSoon()
+    // But that ReadyForQuery may also hand the connection queries postgres.js had queued, and
+    // postgres.js drops a write it has scheduled when the socket closes, never writing on that
+    // slot again (its nextWrite timer stays set). So when it may have queued some, there is no
+    // ReadyForQuery: the close makes postgres.js reconnect the slot for them, which ends the
+    // current query too. The close comes before the failed queries' reactions run, so that a
+    // caller's next query goes to a new connection, not this lost one.
+    if (inFlight && !handsOver) ready(IDLE)
+    process.nextTick(() => this.destroy())
+  }
+
+  /**
+   * Whether postgres.js may hand this connection queued work when it reports ready. It queues
+   * queries only when no connection takes more: with one connection, when that one is full (a
+   * describe first, a cursor, max_pipeline, a backed-up write); with several, once all were in
+   * use; and a reserve() waits for the next connection that is ready.
+   */
+  private mayHandOver(): boolean {
+    const full = this.full || this.awaiting >= this.opener.maxPipeline || this.writableNeedDrain
+    return this.opener.reserving() || full || (this.opener.maxConnections > 1 && this.opener.crowded())
+  }
+
+  /** Fails what postgres.js wrote to the lost session, and ends its current query. */
+  private fail(endsTransaction: boolean): void {
+    if (this.destroyed) return
+    this.emitError(this.loss!)
+    if (!this.fromPeer.atBoundary) return
+    this.push(readyFor(this.status))
+    // The transaction's COMMIT or ROLLBACK: now the connection goes. Its ReadyForQuery stays 'E',
+    // so postgres.js keeps it with the transaction (an idle one would hand it to the pool first).
+    if (endsTransaction && this.status !== IDLE) this.closeLost()
+  }
+
+  /**
+   * Closes a lost connection that postgres.js keeps reserved, before the failures' reactions run.
+   * If sql.end() is waiting by then, `release` runs and an idle ReadyForQuery makes postgres.js
+   * terminate it instead (a close alone would leave end() waiting forever).
+   */
+  private closeLost(release?: () => void): void {
+    process.nextTick(() => {
+      if (this.destroyed) return
+      if (!this.opener.ending() || !this.fromPeer.atBoundary) return void this.destroy()
+      release?.()
+      this.push(READY_IDLE)
+      this.closeSoon()
+    })
   }
 
   /**
@@ -274,6 +418,7 @@ export class Handover extends Duplex {
     // reactions runs before the timer, however long this loop iteration took.
     setImmediate(() =>
       setTimeout(() => {
+        if (this.destroyed) return
         this.push(null)
         this.destroy()
       }, 20),

@@ -17,6 +17,12 @@ export interface ConnectorOptions {
   onconnect?: OnConnect
   /** True once sql.end() was called. */
   closing?: () => boolean
+  /** True while a sql.reserve() waits for a connection. */
+  reserving?: () => boolean
+  /** A session was handed to postgres.js. */
+  opened?: () => void
+  /** A stream postgres.js held closed. */
+  closed?: () => void
 }
 
 /** A wrong address (refused, no route, closed at once) is retried this long only, not for all of connect_timeout. */
@@ -29,7 +35,7 @@ const UNREACHABLE_RETRY_MS = 2000
  * stream: a rejected promise or a throw would leave postgres.js with a pool slot it never frees.
  */
 export function connector(config: DsqlConfig, mintFor: (endpoint: DsqlConfig) => Mint, options: ConnectorOptions, hosts = new Hosts(config.endpoints, options.logger)) {
-  const { logger, closing } = options
+  const { logger, closing, reserving, opened, closed } = options
   // One TLS context per dsql(): building it (parsing the CA) per connection costs ~0.2 ms of CPU.
   // The endpoints of a multi-Region cluster share it: only their server names differ.
   const secureContext = config.tls.secureContext ?? tls.createSecureContext(config.tls)
@@ -131,17 +137,31 @@ export function connector(config: DsqlConfig, mintFor: (endpoint: DsqlConfig) =>
     }
   }
 
+  // Streams postgres.js holds, and whether they ever were as many as its max (see Handover.mayHandOver).
+  let live = 0
+  let crowded = false
   return function socket(pg: PgSocketOptions): Duplex {
     const deadline = Date.now() + config.connectTimeoutMs
-    return new Handover({
+    const max = (pg as { max?: number }).max ?? 10
+    if (++live >= max) crowded = true
+    const handover = new Handover({
       open: (signal) => open(pg, deadline, signal),
       cancel: (request) => {
         const state = endpoints.get(sessions.get(wire.cancelKey(request)) ?? config)!
         return sendCancel(request, { ...state.config, sslnegotiation: state.negotiation }, logger)
       },
       ending: () => closing?.() ?? false,
+      reserving: () => reserving?.() ?? false,
+      maxConnections: max,
+      crowded: () => crowded,
+      opened: () => opened?.(),
+      maxPipeline: (pg as { max_pipeline?: number }).max_pipeline ?? 100,
       logger,
       where: where(config),
+    })
+    return handover.once('close', () => {
+      live--
+      closed?.()
     })
   }
 }
