@@ -128,7 +128,11 @@ describe('query.cancel() at awkward moments', () => {
         // Either it completed or it was cancelled: both are fine, a hang or another error is not.
         if (!(outcome instanceof Error && outcome.message === 'expected a failure')) expect(outcome).toMatchObject({ code: '57014' })
         await within(cancel)
-        expect([...((await within(sql`select ${i}::int as n`)) as postgres.RowList<postgres.Row[]>)]).toEqual([{ n: i }])
+        // PostgreSQL's own race: a cancel that reaches the backend after its query finished may
+        // cancel the next one (the protocol cannot say which query it meant). Once, at most.
+        const next = () => sql`select ${i}::int as n`
+        const after = await within(next().catch((e: { code?: string }) => (e.code === '57014' ? next() : Promise.reject(e as Error))))
+        expect([...(after as postgres.RowList<postgres.Row[]>)]).toEqual([{ n: i }])
       }
     } finally {
       await sql.end({ timeout: 5 })
