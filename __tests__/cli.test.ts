@@ -218,7 +218,7 @@ describe('local', () => {
       expect({ stdout, stderr }).toMatchObject({ stdout: expect.stringContaining('export AWS_REGION=') })
       expect(stdout.split('\n')[0]).toBe('unset AWS_PROFILE AWS_DEFAULT_PROFILE AWS_SESSION_TOKEN AWS_SECURITY_TOKEN AWS_CREDENTIAL_EXPIRATION')
       const env = parseExports(stdout)
-      expect(Object.keys(env)).toEqual(expect.arrayContaining(['CLUSTER_ENDPOINT', 'PGHOST', 'PGHOSTADDR', 'PGPORT', 'PGSSLROOTCERT', 'AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'AWS_REGION']))
+      expect(Object.keys(env)).toEqual(expect.arrayContaining(['CLUSTER_ENDPOINT', 'PGHOST', 'PGHOSTADDR', 'PGPORT', 'PGSSLROOTCERT', 'AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'AWS_REGION', 'POSTGRES_DSQL_IAM_ARN']))
 
       // Sourced into a shell that has AWS_PROFILE and AWS_SESSION_TOKEN: the token is signed with the stand-in's keys.
       writeFileSync(out, stdout)
@@ -247,7 +247,7 @@ describe('local', () => {
       'set -e',
       `eval "$(${cliLine} local --print-env --roles reader)"`,
       'echo "profile=${AWS_PROFILE-unset} session=${AWS_SESSION_TOKEN-unset}"',
-      'echo "pid=$POSTGRES_DSQL_LOCAL_PID port=$PGPORT endpoint=$CLUSTER_ENDPOINT ca=$PGSSLROOTCERT"',
+      'echo "pid=$POSTGRES_DSQL_LOCAL_PID port=$PGPORT endpoint=$CLUSTER_ENDPOINT ca=$PGSSLROOTCERT arn=$POSTGRES_DSQL_IAM_ARN"',
       `PGUSER=reader ${cliLine} token`,
     ].join('\n')
     const r = await run('bash', ['-c', script], baseEnv(clashing))
@@ -255,7 +255,7 @@ describe('local', () => {
     const pid = Number(vars.pid)
     try {
       expect({ code: r.code, stderr: r.stderr }).toEqual({ code: 0, stderr: expect.stringMatching(/running in the background \(pid \d+\): kill \$POSTGRES_DSQL_LOCAL_PID stops it/) })
-      expect(vars).toMatchObject({ profile: 'unset', session: 'unset' })
+      expect(vars).toMatchObject({ profile: 'unset', session: 'unset', arn: expect.stringMatching(/^arn:aws:iam::\d{12}:role\//) })
       expect(pid).toBeGreaterThan(0)
       const token = r.stdout.trim().split('\n').pop() as string
       expect(token).toMatch(/\?Action=DbConnect&/)

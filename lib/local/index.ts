@@ -271,6 +271,8 @@ export async function startLocalDsql(options: LocalDsqlOptions = {}): Promise<Lo
       AWS_SECRET_ACCESS_KEY: credentials.secretAccessKey,
       ...(credentials.sessionToken ? { AWS_SESSION_TOKEN: credentials.sessionToken } : {}),
       AWS_REGION: region,
+      // The identity those keys belong to, for AWS IAM GRANT in a test that creates roles.
+      POSTGRES_DSQL_IAM_ARN: iamArn,
     },
     allowCredentials: (more) => keys.add(more),
     // Checked and applied at once (a bad value throws here); only the quotas wait for PostgreSQL.
