@@ -356,3 +356,34 @@ describe('query.cancel() before postgres.js has sent the query', () => {
     }
   })
 })
+
+describe('the guarded sql and reserved sql', () => {
+  test("a `debug` function sees the user's queries on a reserved connection, not the reserve probe", async () => {
+    const seen: string[] = []
+    const sql = open({ max: 1, debug: (_connection: number, query: string) => void seen.push(query) })
+    try {
+      const reserved = await sql.reserve()
+      expect(await reserved`select 7 as n`).toEqual([{ n: 7 }])
+      reserved.release()
+      expect(seen).toEqual(['select 7 as n'])
+    } finally {
+      await sql.end()
+    }
+  })
+
+  test('keep the members of a function: constructor, toString, prototype (not those of a plain object)', async () => {
+    const sql = open({ max: 1 })
+    try {
+      const reserved = await sql.reserve()
+      reserved.release()
+      for (const s of [sql, reserved]) {
+        expect(s.constructor).toBe(Function)
+        expect(s.toString).toBe(Function.prototype.toString)
+        expect(Object.getPrototypeOf(s)).toBe(Function.prototype)
+        expect((s as unknown as { __proto__: unknown }).__proto__).toBe(Function.prototype)
+      }
+    } finally {
+      await sql.end()
+    }
+  })
+})

@@ -1,5 +1,6 @@
 import postgres from 'postgres'
 import { connector } from './connect'
+import { PROBE_PREFIX } from './connect/handover'
 import { Hosts, type EndpointState } from './connect/hosts'
 import { FLUSH_PARAMETER, FLUSH_VALUE } from './connect/startup'
 import { credentialsOption, definedOnly, mergeUrl, resolveConfig, type DsqlConfig, type DsqlOptions } from './config'
@@ -102,7 +103,6 @@ function postgresOptions<T extends Types>(options: DsqlOptions<T>, config: DsqlC
     backoff: (retries: number) => (0.5 + Math.random() / 2) * Math.min(3 ** retries / 100, 20),
     keep_alive: 60,
     prepare: true,
-    debug: false,
     publications: 'alltables',
     target_session_attrs: null,
     sslnegotiation: null,
@@ -110,6 +110,8 @@ function postgresOptions<T extends Types>(options: DsqlOptions<T>, config: DsqlC
     // DSQL closes connections at 60 minutes: replace each one before, at its own jittered age.
     max_lifetime: () => (50 + Math.random() * 5) * 60,
     ...passed,
+    // The reserve probe (lib/reserve.ts) is ours, answered without the server: debug sees only the user's queries.
+    debug: withoutProbe(options.debug),
     // The connector's own deadline is connect_timeout and fails with a typed CONNECT_TIMEOUT; postgres.js's
     // timer (started a moment later) is only a backstop and must not win the race.
     connect_timeout: config.connectTimeoutMs / 1000 + 1,
@@ -124,6 +126,11 @@ function postgresOptions<T extends Types>(options: DsqlOptions<T>, config: DsqlC
     connection: { ...options.connection, application_name: applicationName(options.connection?.application_name), [FLUSH_PARAMETER]: FLUSH_VALUE },
     socket,
   }
+}
+
+function withoutProbe(debug: DsqlOptions['debug']): DsqlOptions['debug'] {
+  if (typeof debug !== 'function') return debug ?? false
+  return (connection, query, parameters, types) => void (query.startsWith(PROBE_PREFIX) || debug(connection, query, parameters, types))
 }
 
 function applicationName(given: unknown): string {

@@ -175,9 +175,10 @@ export function guardQueries<T extends Pick<Reserved, 'unsafe' | 'file'> & ((...
     file: (...args: unknown[]) => guarded(sql.file(...args)),
     ...own,
   } as Partial<T>
+  // Own keys only: `in` would also find Object.prototype's (constructor, toString, __proto__).
   return new Proxy(sql, {
     apply: (target, self, args) => guarded(Reflect.apply(target, self, args)),
-    get: (target, key, receiver) => (key in members ? members[key as keyof T] : Reflect.get(target, key, receiver)),
+    get: (target, key, receiver) => (Object.hasOwn(members, key) ? members[key as keyof T] : Reflect.get(target, key, receiver)),
   })
 }
 
