@@ -387,3 +387,26 @@ describe('the guarded sql and reserved sql', () => {
     }
   })
 })
+
+describe("a query's error names where it was written", () => {
+  test('through the sql from dsql(), a reserved sql and a transaction, as postgres.js does', async () => {
+    const sql = open({ max: 2 })
+    const lastLine = (e: Error) => (e.stack ?? '').split('\n').pop() ?? ''
+    try {
+      // The caller's line: the query below it is written on that same line.
+      const line = () => `loss.test.ts:${/loss\.test\.ts:(\d+)/.exec((new Error().stack ?? '').split('\n')[2])?.[1]}:`
+      const fromPool = [line(), await sql`select nonsense_pool`.catch(lastLine)]
+      const reserved = await sql.reserve()
+      const fromReserved = [line(), await reserved`select nonsense_reserved`.catch(lastLine)]
+      reserved.release()
+      let fromTransaction: unknown[] = []
+      // The failed statement fails the transaction too: only what the callback saw matters here.
+      await sql
+        .begin(async (tx) => (fromTransaction = [line(), await tx`select nonsense_tx`.catch(lastLine)]))
+        .catch(() => undefined)
+      for (const [expected, got] of [fromPool, fromReserved, fromTransaction]) expect(String(got)).toContain(String(expected))
+    } finally {
+      await sql.end({ timeout: 2 })
+    }
+  })
+})

@@ -177,9 +177,36 @@ export function guardQueries<T extends Pick<Reserved, 'unsafe' | 'file'> & ((...
   } as Partial<T>
   // Own keys only: `in` would also find Object.prototype's (constructor, toString, __proto__).
   return new Proxy(sql, {
-    apply: (target, self, args) => guarded(Reflect.apply(target, self, args)),
+    apply: function call(target, self, args) {
+      return guarded(keepOrigin(Reflect.apply(target, self, args), args[0], call))
+    },
     get: (target, key, receiver) => (Object.hasOwn(members, key) ? members[key as keyof T] : Reflect.get(target, key, receiver)),
   })
+}
+
+/** Per call site (a tagged template's strings), as postgres.js caches it: the caller's own frame. */
+const origins = new WeakMap<object, Error>()
+
+/**
+ * postgres.js records where a tagged query was written (4 frames: its own 3, then the caller's)
+ * and appends that line to the query's errors. Called through this Proxy, the 4th frame would be
+ * the Proxy's: so the query gets the caller's frame instead, taken once per call site.
+ */
+function keepOrigin(query: unknown, strings: unknown, call: (...args: never[]) => unknown): unknown {
+  if (!isQuery(query) || !(query as { tagged?: boolean }).tagged || query.handler.debug || typeof strings !== 'object' || strings === null) return query
+  const key = Object.getOwnPropertySymbols(query).find((s) => s.description === 'OriginError')
+  if (!key) return query
+  let origin = origins.get(strings)
+  if (!origin) {
+    const limit = Error.stackTraceLimit
+    Error.stackTraceLimit = 1
+    origin = new Error()
+    Error.captureStackTrace(origin, call)
+    Error.stackTraceLimit = limit
+    origins.set(strings, origin)
+  }
+  ;(query as unknown as Record<symbol, Error>)[key] = origin
+  return query
 }
 
 /**
